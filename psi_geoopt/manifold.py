@@ -151,10 +151,12 @@ class PSIManifold(Manifold):
     def _check_vector_on_tangent(
         self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
     ) -> tuple[bool, str | None]:
-        r"""Horizontality :math:`|\langle u, \hat w\rangle| \le atol + rtol\, \|u\|` per group."""
+        r"""Horizontality in the metric, :math:`|\langle u, \hat w\rangle| / r \le atol + rtol\,
+        \|u\|_g` per group, so that the answer does not depend on the representative."""
         x, u = self._upcast(x, u)
-        radial = self._dot(x, u).abs() / self._norm(x)
-        bad = radial > atol + rtol * self._norm(u)
+        radius = self._norm(x)
+        radial = self._dot(x, u).abs() / radius**2
+        bad = radial > atol + rtol * self._norm(u) / radius
         if not bool(bad.any()):
             return True, None
         where = "" if self.dim is None else f" in groups {bad.flatten().nonzero().flatten().tolist()}"
