@@ -1,0 +1,202 @@
+"""Tests of the ``psi-geoopt`` command line: demo and compare, their outputs and bad input."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from psi_geoopt import cli
+from psi_geoopt.experiments import compare, demo
+
+RUN_FIELDS = {
+    "model", "dataset", "optimizer", "lr", "init_scale", "seed", "final_train_loss",
+    "test_accuracy", "train_mode_accuracy", "train_accuracy", "steps_to_target", "wall_s",
+    "loss_curve",
+}  # fmt: skip
+
+
+def _main(argv: list[str]) -> int:
+    """Parse and run one sub-command the way :func:`psi_geoopt.cli.main` does, with only the
+    sub-command under test registered (the others are separate modules)."""
+    modules = {"demo": demo, "compare": compare}
+    parser = argparse.ArgumentParser(prog="psi-geoopt")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    module = modules[argv[0]]
+    module.add_arguments(subparsers.add_parser(argv[0]))
+    return module.run(parser.parse_args(argv))
+
+
+def _runs(directory: Path) -> list[dict]:
+    return json.loads((directory / "results.json").read_text())["runs"]
+
+
+def _without_timing(runs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in run.items() if k != "wall_s"} for run in runs]
+
+
+@pytest.mark.skipif(
+    any(
+        importlib.util.find_spec(name) is None
+        for name in ("psi_geoopt.theory.verify", "psi_geoopt.bench")
+    ),
+    reason="the verify and bench sub-commands are not there yet",
+)
+def test_help_lists_every_sub_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    output = capsys.readouterr().out
+    for command in ("demo", "compare", "verify", "bench"):
+        assert command in output
+
+
+# ------------------------------------------------------------------------------------- demo
+
+
+def test_demo_writes_results_and_is_deterministic(tmp_path, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert _main(["demo", "--out", str(first), "--steps", "20", "--seed", "3"]) == 0
+    output = capsys.readouterr().out
+    assert "final train loss" in output and "psi-sgd" in output and "sgd" in output
+    assert "loss curves differ by at most" in output
+    runs = _runs(first)
+    assert [(r["optimizer"], r["initialization"]) for r in runs] == [
+        ("psi-sgd", "same"), ("psi-sgd", "rescaled"), ("sgd", "same"), ("sgd", "rescaled"),
+    ]  # fmt: skip
+    for run in runs:
+        assert RUN_FIELDS <= run.keys()
+        assert len(run["loss_curve"]) == 2
+    assert (first / "loss_curves.png").stat().st_size > 1000
+    assert _main(["demo", "--out", str(second), "--steps", "20", "--seed", "3"]) == 0
+    assert _without_timing(_runs(second)) == _without_timing(runs)
+
+
+def test_demo_rescaling_factors_are_per_channel_in_range():
+    factors = demo.channel_factors(seed=0, batch_size=64)
+    assert len(factors) == 3
+    values = [value for vector in factors.values() for value in vector.tolist()]
+    assert len(values) == 16 + 32 + 32
+    assert all(1.0 <= v <= 10.0 for v in values)
+    assert max(values) / min(values) > 5
+
+
+# ---------------------------------------------------------------------------------- compare
+
+TINY = [
+    "--optimizers", "psi-sgd", "sgd", "--lr-factors", "1", "--init-scales", "1", "3",
+    "--seeds", "2", "--steps", "10",
+]  # fmt: skip
+
+
+def test_compare_writes_runs_summary_and_figures(tmp_path):
+    out = tmp_path / "out"
+    assert _main(["compare", *TINY, "--out", str(out)]) == 0
+    runs = _runs(out)
+    assert len(runs) == 2 * 2 * 2
+    for run in runs:
+        assert RUN_FIELDS <= run.keys()
+        assert run["model"] == "mlp-bn" and run["dataset"] == "digits"
+    assert {(r["optimizer"], r["init_scale"], r["seed"]) for r in runs} == {
+        (o, s, seed) for o in ("psi-sgd", "sgd") for s in (1.0, 3.0) for seed in (0, 1)
+    }
+    summary = (out / "summary.md").read_text()
+    assert "| psi-sgd |" in summary and "| sgd |" in summary and "±" in summary
+    for figure in ("heatmap-mlp-bn-digits.png", "loss-curves-mlp-bn-digits.png"):
+        assert (out / figure).stat().st_size > 1000
+
+
+def test_compare_resumes_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert _main(["compare", *TINY, "--out", str(out)]) == 0
+    before = _runs(out)
+    assert _main(["compare", *TINY, "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(compare, "execute", lambda spec: pytest.fail("nothing left to run"))
+    assert _main(["compare", *TINY, "--out", str(out), "--resume"]) == 0
+    assert _runs(out) == before
+
+
+def test_compare_interrupted_leaves_valid_partial_results(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    execute = compare.execute
+    calls = []
+
+    def interrupt_third(spec):
+        calls.append(spec)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return execute(spec)
+
+    monkeypatch.setattr(compare, "execute", interrupt_third)
+    assert _main(["compare", *TINY, "--out", str(out)]) == 130
+    partial = _runs(out)
+    assert len(partial) == 2
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.setattr(compare, "execute", execute)
+    assert _main(["compare", *TINY, "--out", str(out), "--resume"]) == 0
+    complete = _runs(out)
+    assert len(complete) == 8 and complete[:2] == partial
+    fresh = tmp_path / "fresh"
+    assert _main(["compare", *TINY, "--out", str(fresh)]) == 0
+    key = compare.RunSpec.from_record
+    assert sorted(_without_timing(complete), key=lambda r: str(key(r))) == sorted(
+        _without_timing(_runs(fresh)), key=lambda r: str(key(r))
+    )
+
+
+def test_compare_updates_only_its_markdown_section(tmp_path):
+    markdown = tmp_path / "docs" / "RESULTS.md"
+    markdown.parent.mkdir()
+    markdown.write_text("# Results\n\n## Performance\nkept\n\n## Digits comparison\nold\n")
+    out = tmp_path / "out"
+    argv = ["compare", *TINY, "--title", "Digits comparison", "--out", str(out)]
+    assert _main([*argv, "--update-markdown", str(markdown)]) == 0
+    text = markdown.read_text()
+    assert text.startswith("# Results\n\n## Performance\nkept\n\n## Digits comparison\n")
+    assert "old" not in text and "| psi-sgd |" in text
+    image = "digits-comparison-heatmap-mlp-bn-digits.png"
+    assert f"]({image})" in text and (markdown.parent / image).exists()
+    assert "--update-markdown" in text  # the regenerating command
+
+
+# -------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compare", "--optimizers", "lamb"], "psi-sgd-momentum"),
+        (["compare", "--models", "vgg"], "preact-resnet"),
+        (["compare", "--datasets", "mnist"], "synthetic"),
+        (["compare", "--lrs", "-0.1"], "positive"),
+        (["compare", "--lr-factors", "0"], "positive"),
+        (["compare", "--lrs", "0.1", "--lr-factors", "1"], "not allowed with"),
+        (["compare", "--seeds", "0"], "positive integer"),
+        (["compare", "--init-scales", "1", "-2"], "positive"),
+        (["compare", "--init-scales", "nan"], "positive"),
+        (["compare", "--steps", "ten"], "positive integer"),
+        (["compare", "--batch-size", "1"], "BatchNorm"),
+        (["demo", "--seed", "-1"], "non-negative"),
+        (["demo", "--steps", "0"], "positive integer"),
+    ],
+)
+def test_bad_arguments_are_rejected_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "compare"])
+def test_unwritable_output_directory_fails_before_training(command, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(compare, "execute", lambda spec: pytest.fail("training started"))
+    monkeypatch.setattr(demo, "train_from_scratch", lambda *a, **k: pytest.fail("training"))
+    assert _main([command, "--out", str(blocker / "out")]) == 2
+    captured = capsys.readouterr()
+    assert "not writable" in captured.out + captured.err
