@@ -1,0 +1,289 @@
+"""Benchmark the PSI optimizer step against torch SGD and geoopt on ResNet shapes and a ConvNet.
+
+Two measurements, each interleaved in one process (every round times every optimizer in
+turn, so that load from other processes hits all of them alike) and summarized by the median
+over rounds:
+
+- the optimizer step alone on the parameter shapes of ResNet-18 and ResNet-50 (convolution
+  weights on ``PSIManifold(dim=0)``, BatchNorm and classifier parameters Euclidean; fixed
+  random gradients): ``torch.optim.SGD(foreach=True)``, geoopt's ``RiemannianSGD`` (its
+  per-parameter loop), ``psi_geoopt.optim.RiemannianSGD`` with ``foreach=False`` (the
+  reference loop), the fast path, and the fast path through ``torch.compile``;
+- the whole training step (forward, backward, step) of the demo ConvNet (``convnet-bn``) on
+  a batch of 8x8 digit-sized images, with each optimizer.
+
+Momentum 0.9 everywhere. Ratios are to ``torch.optim.SGD``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import geoopt
+import torch
+from torch import nn
+
+from .manifold import PSIManifold
+from .optim import RiemannianSGD
+
+MOMENTUM = 0.9
+LEARNING_RATE = 0.01
+Shapes = list[tuple[int, ...]]
+
+
+def resnet_shapes(blocks: tuple[int, ...], bottleneck: bool) -> tuple[Shapes, Shapes]:
+    """Parameter shapes of a torchvision-style ResNet (1000 classes): convolutions, the rest.
+
+    ``resnet_shapes((2, 2, 2, 2), False)`` is ResNet-18 (11,689,512 parameters),
+    ``resnet_shapes((3, 4, 6, 3), True)`` ResNet-50 (25,557,032).
+    """
+    convolutions: Shapes = [(64, 3, 7, 7)]
+    others: Shapes = [(64,), (64,)]
+    expansion = 4 if bottleneck else 1
+    channels = 64
+    for width, count in zip((64, 128, 256, 512), blocks, strict=True):
+        out = width * expansion
+        for index in range(count):
+            if bottleneck:
+                convolutions += [(width, channels, 1, 1), (width, width, 3, 3), (out, width, 1, 1)]
+                others += [(width,)] * 4 + [(out,)] * 2
+            else:
+                convolutions += [(width, channels, 3, 3), (width, width, 3, 3)]
+                others += [(width,)] * 4
+            if index == 0 and channels != out:
+                convolutions.append((out, channels, 1, 1))
+                others += [(out,)] * 2
+            channels = out
+    others += [(1000, channels), (1000,)]
+    return convolutions, others
+
+
+MODELS = {
+    "resnet18": resnet_shapes((2, 2, 2, 2), bottleneck=False),
+    "resnet50": resnet_shapes((3, 4, 6, 3), bottleneck=True),
+}
+
+
+@dataclass(frozen=True)
+class Contender:
+    """An optimizer under test: its label and how to build it over PSI and plain parameters."""
+
+    label: str
+    build: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    psi: bool
+
+
+def contenders(compile: bool) -> list[Contender]:
+    hyper = dict(lr=LEARNING_RATE, momentum=MOMENTUM)
+    entries = [
+        Contender("torch SGD foreach", lambda p: torch.optim.SGD(p, foreach=True, **hyper), False),
+        Contender("geoopt RiemannianSGD", lambda p: geoopt.optim.RiemannianSGD(p, **hyper), True),
+        Contender("PSI reference loop", lambda p: RiemannianSGD(p, foreach=False, **hyper), True),
+        Contender("PSI fast path", lambda p: RiemannianSGD(p, **hyper), True),
+    ]
+    if compile:
+        entries.append(
+            Contender(
+                "PSI fast path compiled", lambda p: RiemannianSGD(p, compile=True, **hyper), True
+            )
+        )
+    return entries
+
+
+def _parameters(shapes: tuple[Shapes, Shapes], psi: bool, device: str) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    convolutions, others = shapes
+    params: list[torch.Tensor] = []
+    for shape in convolutions:
+        weight = torch.randn(shape, generator=generator).to(device)
+        if psi:
+            params.append(geoopt.ManifoldParameter(weight, manifold=PSIManifold(dim=0)))
+        else:
+            params.append(nn.Parameter(weight))
+    params += [nn.Parameter(torch.randn(s, generator=generator).to(device)) for s in others]
+    for p in params:
+        p.grad = 1e-2 * torch.randn(p.shape, generator=generator).to(device)
+    return params
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(action: Callable[[], object], device: str) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    action()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved(
+    actions: dict[str, Callable[[], object]], rounds: int, device: str
+) -> dict[str, list[float]]:
+    """Seconds per call of every action, ``rounds`` times each, in turn."""
+    samples: dict[str, list[float]] = {label: [] for label in actions}
+    for _ in range(rounds):
+        for label, action in actions.items():
+            samples[label].append(_timed(action, device))
+    return samples
+
+
+def _summary(samples: dict[str, list[float]], baseline: str) -> dict[str, dict[str, float]]:
+    reference = statistics.median(samples[baseline])
+    summary = {}
+    for label, times in samples.items():
+        median = statistics.median(times)
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median] * 3
+        summary[label] = {
+            "median_ms": 1e3 * median,
+            "iqr_ms": 1e3 * (quartiles[2] - quartiles[0]),
+            "ratio_to_sgd": median / reference,
+        }
+    return summary
+
+
+def bench_steps(model: str, rounds: int, compile: bool, device: str) -> dict:
+    """Optimizer step time on the parameter shapes of ``model``."""
+    shapes = MODELS[model]
+    actions = {}
+    for contender in contenders(compile):
+        optimizer = contender.build(_parameters(shapes, contender.psi, device))
+        optimizer.step()  # momentum buffers, compilation
+        optimizer.step()
+        actions[contender.label] = optimizer.step
+    summary = _summary(interleaved(actions, rounds, device), "torch SGD foreach")
+    numel = sum(math.prod(s) for s in shapes[0] + shapes[1])
+    return {"parameters": numel, "psi_tensors": len(shapes[0]), "results": summary}
+
+
+def _convnet(psi: bool, device: str) -> nn.Module:
+    from .experiments.models import build_model
+
+    model = build_model("convnet-bn", seed=0).to(device)
+    if psi:  # every convolution of convnet-bn feeds a BatchNorm
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight = geoopt.ManifoldParameter(
+                    module.weight.detach(), manifold=PSIManifold(dim=0)
+                )
+    return model
+
+
+def bench_training(batch_size: int, rounds: int, compile: bool, device: str) -> dict:
+    """Forward + backward + step of the demo ConvNet on ``(batch, 1, 8, 8)`` inputs."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 1, 8, 8, generator=generator).to(device)
+    labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+    actions = {}
+    for contender in contenders(compile):
+        model = _convnet(contender.psi, device)
+        optimizer = contender.build(list(model.parameters()))
+
+        def train_step(model=model, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=False)
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+
+        for _ in range(3):
+            train_step()
+        actions[contender.label] = train_step
+    summary = _summary(interleaved(actions, rounds, device), "torch SGD foreach")
+    return {"batch_size": batch_size, "results": summary}
+
+
+def machine(device: str) -> dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, object] = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "geoopt": geoopt.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _print_table(title: str, summary: dict[str, dict[str, float]]) -> None:
+    print(f"\n{title}")
+    print(f"  {'optimizer':<26} {'median ms':>10} {'IQR ms':>8} {'x SGD':>7}")
+    for label, row in summary.items():
+        print(
+            f"  {label:<26} {row['median_ms']:>10.2f} {row['iqr_ms']:>8.2f} "
+            f"{row['ratio_to_sgd']:>7.2f}"
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer rounds, ResNet-18 only, no compiled path"
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="device to run on, e.g. cpu or cuda (default: cpu)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds per optimizer (default: 30, quick 5)"
+    )
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile variant of the fast path"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {device} requested but CUDA is not available")
+        return 2
+    rounds = args.rounds if args.rounds is not None else (5 if args.quick else 30)
+    if rounds < 1:
+        print(f"error: --rounds must be at least 1, got {rounds}")
+        return 2
+    compile = not (args.quick or args.no_compile)
+    info = machine(device)
+    print("machine: " + ", ".join(f"{key}={value}" for key, value in info.items()))
+    print(f"momentum {MOMENTUM}, lr {LEARNING_RATE}, {rounds} interleaved rounds, median")
+    results: dict[str, object] = {"machine": info, "rounds": rounds, "steps": {}}
+    for model in ("resnet18",) if args.quick else tuple(MODELS):
+        entry = bench_steps(model, rounds, compile, device)
+        results["steps"][model] = entry
+        _print_table(
+            f"optimizer step, {model} shapes ({entry['parameters']:,} parameters, "
+            f"{entry['psi_tensors']} PSI tensors)",
+            entry["results"],
+        )
+    batch_size = 64
+    training = bench_training(batch_size, rounds * 4, compile, device)
+    results["training_step"] = training
+    _print_table(
+        f"training step (forward + backward + step), convnet-bn, batch {batch_size} of 1x8x8",
+        training["results"],
+    )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
