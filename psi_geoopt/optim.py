@@ -25,6 +25,11 @@ from geoopt import ManifoldParameter, ManifoldTensor
 
 from .manifold import PSIManifold
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed support
+    _DTensor = None
+
 __all__ = ["RiemannianSGD"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -137,9 +142,13 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
 
 
 def _manifold_of(point: torch.Tensor, default: geoopt.Manifold) -> geoopt.Manifold:
+    """The manifold of a :class:`geoopt.ManifoldParameter`; for any other tensor its attribute
+    ``manifold`` if it has one (a parameter re-created by a wrapper such as FSDP2's
+    ``fully_shard``, which keeps a tensor's value but not its class), else ``default``."""
     if isinstance(point, (ManifoldParameter, ManifoldTensor)):
         return point.manifold
-    return default
+    manifold = getattr(point, "manifold", None)
+    return manifold if isinstance(manifold, geoopt.Manifold) else default
 
 
 def _single_tensor_rsgd(
@@ -175,21 +184,44 @@ def _single_tensor_rsgd(
         point.copy_(new_point)
 
 
-def _psi_rows(point: torch.Tensor, manifold: geoopt.Manifold) -> int | None:
-    """The number of groups if ``point`` can take the fused PSI pass, else ``None``.
+def _fused_group_size(point: torch.Tensor, manifold: geoopt.Manifold) -> int | None:
+    """The group size if ``point`` can take the fused PSI pass, else ``None``.
 
-    The pass needs the groups as the rows of a ``(groups, group_size)`` view, i.e. a contiguous
-    tensor grouped along axis 0 (or as a whole, ``dim=None``), in a floating dtype.
+    The pass works on the groups as the rows of a ``(groups, group_size)`` view: a contiguous
+    tensor in a floating dtype grouped along axis 0, or as a whole (``dim=None``). A
+    :class:`~torch.distributed.tensor.DTensor` qualifies when it is grouped along axis 0 and
+    every placement is ``Shard(0)`` or ``Replicate()`` (FSDP2's ``fully_shard``): each group
+    then lives whole on one rank and the pass runs on the local rows, without communication.
     """
-    if type(manifold) is not PSIManifold or type(point.data) is not torch.Tensor:
+    if type(manifold) is not PSIManifold or point.dim() == 0 or point.numel() == 0:
         return None
-    if point.dim() == 0 or not point.is_contiguous() or point.dtype not in _FUSED_DTYPES:
+    if point.dtype not in _FUSED_DTYPES:
+        return None
+    sharded = _is_dtensor(point)
+    if sharded and not all(
+        placement.is_replicate() or placement.is_shard(0) for placement in point.placements
+    ):
+        return None
+    if not _local(point).is_contiguous():
         return None
     if manifold.dim is None:
-        return 1
+        return None if sharded else point.numel()
     if manifold.dim % point.dim() != 0:
         return None
-    return point.shape[0]
+    return point.numel() // point.shape[0]
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (sharing its memory), any other tensor itself."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def _rows(tensor: torch.Tensor, group_size: int) -> torch.Tensor:
+    return _local(tensor).reshape(-1, group_size)
 
 
 def _multi_tensor_rsgd(
@@ -214,10 +246,10 @@ def _multi_tensor_rsgd(
     euclidean, psi, other = [], [], []
     for point in params:
         manifold = _manifold_of(point, default_manifold)
-        if type(manifold) is geoopt.Euclidean and type(point.data) is torch.Tensor:
+        if type(manifold) is geoopt.Euclidean:
             euclidean.append(point)
-        elif (rows := _psi_rows(point, manifold)) is not None:
-            psi.append((point, rows))
+        elif (group_size := _fused_group_size(point, manifold)) is not None:
+            psi.append((point, group_size))
         else:
             other.append(point)
     hyper = dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening, lr=lr)
@@ -225,27 +257,29 @@ def _multi_tensor_rsgd(
         _single_tensor_rsgd(other, state, default_manifold, nesterov=nesterov, **hyper)
     if euclidean:
         _foreach_euclidean_sgd(euclidean, state, nesterov=nesterov, **hyper)
-    if psi:
-        step = _compiled_psi_step() if compile else _psi_momentum_step
-        for point, rows in psi:
-            buffer = state[point].get("momentum_buffer") if momentum != 0 else None
-            first = momentum != 0 and buffer is None
-            if first:
-                buffer = state[point]["momentum_buffer"] = torch.zeros_like(point)
-            elif buffer is not None and not buffer.is_contiguous():
-                _single_tensor_rsgd([point], state, default_manifold, nesterov=nesterov, **hyper)
-                continue
-            _fused_psi_update(
-                step,
-                point.data.view(rows, -1),
-                point.grad.reshape(rows, -1),
-                None if buffer is None else buffer.view(rows, -1),
-                lr=lr,
-                momentum=momentum,
-                dampening=dampening,
-                nesterov=nesterov,
-                first=first,
-            )
+    step = _compiled_psi_step() if compile else _psi_momentum_step
+    for point, group_size in psi:
+        buffer = state[point].get("momentum_buffer") if momentum != 0 else None
+        first = momentum != 0 and buffer is None
+        if first:
+            buffer = state[point]["momentum_buffer"] = torch.zeros_like(point)
+        elif buffer is not None and not _local(buffer).is_contiguous():
+            _single_tensor_rsgd([point], state, default_manifold, nesterov=nesterov, **hyper)
+            continue
+        x = _rows(point.data, group_size)
+        if x.shape[0] == 0:  # a rank that holds no group of this parameter
+            continue
+        _fused_psi_update(
+            step,
+            x,
+            _rows(point.grad, group_size),
+            None if buffer is None else _rows(buffer, group_size),
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            first=first,
+        )
 
 
 def _foreach_euclidean_sgd(
