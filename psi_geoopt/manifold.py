@@ -15,7 +15,7 @@ _MAX_LISTED_GROUPS = 10
 
 
 class PSIManifold(Manifold):
-    r"""Quotient of :math:`\mathbb{R}^d \setminus \{0\}` by positive rescaling, one factor per group.
+    r"""The quotient of :math:`\mathbb{R}^d \setminus \{0\}` by positive rescaling, group by group.
 
     A tensor :math:`W` is split into groups along the axis ``dim`` exactly as
     :func:`torch.nn.utils.weight_norm` does: with ``dim=0`` every index of axis 0 (an output
@@ -159,7 +159,9 @@ class PSIManifold(Manifold):
         bad = radial > atol + rtol * self._norm(u) / radius
         if not bool(bad.any()):
             return True, None
-        where = "" if self.dim is None else f" in groups {bad.flatten().nonzero().flatten().tolist()}"
+        where = (
+            "" if self.dim is None else f" in groups {bad.flatten().nonzero().flatten().tolist()}"
+        )
         return False, f"`u` is not horizontal (<u, x> != 0){where} with atol={atol}, rtol={rtol}"
 
     # ------------------------------------------------------------------ reductions
@@ -295,8 +297,27 @@ class PSIManifold(Manifold):
         :math:`\arctan \|u\|_g`.
         """
         dtype, axes, (x, u) = self._prepare(x, u=u)
-        y = x + u
-        return (y * (self._norm(x, axes) / self._norm(y, axes))).to(dtype)
+        return self._retract(x, u, axes).to(dtype)
+
+    def _retract(self, x: torch.Tensor, u: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+        r""":meth:`retr` written as an increment of :math:`w`, rounded once.
+
+        With :math:`r = \|w\|` and :math:`s = \|w + u\|`,
+
+        .. math::
+
+            \operatorname{retr}_w(u) = w + \frac{r}{s} u - \frac{\langle 2w + u, u\rangle}
+            {s\,(r + s)}\, w,
+
+        because :math:`r/s - 1 = (r^2 - s^2)/(s(r + s))` and :math:`s^2 - r^2 = \langle 2w + u,
+        u\rangle`. Rescaling :math:`w + u` by :math:`r/s` instead would lose the radial
+        correction of small steps to rounding (in float32, :math:`r/s` rounds to 1 once
+        :math:`\|u\|_g^2 < 10^{-7}`), and the norm would creep up step after step.
+        """
+        radius = self._norm(x, axes)
+        new_radius = self._norm(x + u, axes)
+        radial = self._dot(2 * x + u, u, axes) / (new_radius * (radius + new_radius))
+        return x + ((radius / new_radius) * u - radial * x)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         r"""Exponential map along the great circle, for horizontal :math:`u`.
@@ -379,10 +400,8 @@ class PSIManifold(Manifold):
         :math:`\mathcal{T}(v) = v - \langle v, y\rangle y / \|w\|^2`.
         """
         dtype, axes, (x, u, v) = self._prepare(x, u=u, v=v)
-        x_sq = self._dot(x, x, axes)
-        y = x + u
-        y = y * torch.sqrt(x_sq / self._dot(y, y, axes))
-        v_new = v - (self._dot(v, y, axes) / x_sq) * y
+        y = self._retract(x, u, axes)
+        v_new = v - (self._dot(v, y, axes) / self._dot(x, x, axes)) * y
         return y.to(dtype), v_new.to(dtype)
 
     def transp_follow_retr(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
