@@ -1,0 +1,260 @@
+"""Tests of theory/: the test problems, the smoothness constants and ``psi-geoopt verify``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+import pytest
+import torch
+from psi_geoopt.theory import verify
+from psi_geoopt.theory.problems import least_squares_without_bn, rayleigh_quotient
+from psi_geoopt.theory.runs import batch_sequence, run
+from psi_geoopt.theory.smoothness import curvature_along_curves, sampled_curvature
+from psi_geoopt.theory.suite import BUDGETS, PROBLEMS, build_problem
+
+REQUIRED = {
+    "name": str,
+    "statement": str,
+    "hypotheses_hold": bool,
+    "passed": bool,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny float64 problems: one thread is fastest, and fair to a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------- verify --quick
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("verify")
+    parser = argparse.ArgumentParser()
+    verify.add_arguments(parser)
+    args = parser.parse_args(
+        ["--quick", "--json", str(directory / "checks.json"), "--plots", str(directory)]
+    )
+    code = verify.run(args)
+    return code, json.loads((directory / "checks.json").read_text()), directory
+
+
+def test_quick_run_exits_zero_and_writes_plots(quick_run):
+    code, _, directory = quick_run
+    assert code == 0
+    for name in ("gd_rate.png", "sgd_rate.png", "sgd_schedule.png"):
+        assert (directory / name).stat().st_size > 0
+
+
+def test_quick_json_schema(quick_run):
+    _, report, _ = quick_run
+    assert report["mode"] == "quick"
+    for key in ("torch_version", "geoopt_version", "duration_s", "machine", "started_utc"):
+        assert key in report
+    checks = report["checks"]
+    assert len({c["name"] for c in checks}) == len(checks)
+    for check in checks:
+        for key, kind in REQUIRED.items():
+            assert isinstance(check[key], kind), (check["name"], key)
+        assert "observed" in check and "bound" in check
+    names = " ".join(c["name"] for c in checks)
+    for family in (
+        "gd-rate/",
+        "gd-descent/",
+        "sgd-rate/",
+        "sgd-schedule/",
+        "equivariance/",
+        "euclidean-inequivalence/",
+        "euclidean-comparison/",
+        "euclidean-norm-growth/",
+        "control/",
+    ):
+        assert family in names, family
+    for optimizer in ("psi-gd", "psi-sgd", "psi-momentum", "psi-adam"):
+        assert f"equivariance/{optimizer}/" in names
+
+
+def test_quick_every_check_passes_and_controls_fire(quick_run):
+    _, report, _ = quick_run
+    controls = [c for c in report["checks"] if c.get("expect_violation")]
+    assert len(controls) == 2
+    for control in controls:
+        assert control["violated"] is True, control["name"]
+    for check in report["checks"]:
+        if not check.get("expect_violation"):
+            assert check["hypotheses_hold"], check["name"]
+            assert check["passed"], check["name"]
+            assert "expect_violation" not in check
+
+
+def test_quick_bounds_are_the_stated_formulas(quick_run):
+    """Both sides of the GD and SGD bounds recomputed from the recorded constants."""
+    _, report, _ = quick_run
+    for check in report["checks"]:
+        if check["name"].startswith("gd-rate/"):
+            expected = 2 * (check["f_w0"] - check["f_star"]) / (check["eta"] * check["T"])
+            assert check["bound"] == pytest.approx(expected, rel=1e-12)
+            assert check["eta"] <= 1 / check["L"] * (1 + 1e-12)
+            assert check["max_step_curvature"] <= check["L"]
+        if check["name"].startswith("sgd-rate/"):
+            assert check["bound"] > check["L"] * check["eta"] * check["sigma_sq"] > 0
+
+
+def test_failures_flags_failed_checks_and_silent_controls():
+    records = [
+        {"name": "ok", "hypotheses_hold": True, "passed": True},
+        {"name": "bad", "hypotheses_hold": True, "passed": False},
+        {"name": "not-required", "hypotheses_hold": False, "passed": False},
+        {
+            "name": "fired",
+            "hypotheses_hold": False,
+            "passed": True,
+            "expect_violation": True,
+            "violated": True,
+        },
+        {
+            "name": "silent",
+            "hypotheses_hold": False,
+            "passed": False,
+            "expect_violation": True,
+            "violated": False,
+        },
+    ]
+    assert verify.failures(records) == ["bad", "silent"]
+
+
+def test_json_path_that_is_a_directory_is_rejected(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    verify.add_arguments(parser)
+    assert verify.run(parser.parse_args(["--quick", "--json", str(tmp_path)])) == 2
+    assert "--json" in capsys.readouterr().err
+
+
+def test_help_line_is_the_docstring_summary():
+    summary = verify.__doc__.strip().splitlines()[0]
+    assert "convergence" in summary
+
+
+def test_entry_point_dispatches_to_verify():
+    try:
+        cli = importlib.import_module("psi_geoopt.cli")
+        parser = cli.build_parser()
+    except ImportError as error:
+        pytest.skip(f"other sub-commands are not all present yet: {error}")
+    args = parser.parse_args(["verify", "--quick", "--json", "out.json"])
+    assert args.run is verify.run and args.quick and str(args.json) == "out.json"
+
+
+# ---------------------------------------------------------------------- problems
+
+
+@pytest.fixture(scope="module", params=list(PROBLEMS))
+def problem(request):
+    return PROBLEMS[request.param]()
+
+
+def test_gradient_matches_finite_differences(problem):
+    point = problem.initial_point(3)
+    generator = torch.Generator().manual_seed(4)
+    direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in point]
+    _, grads = problem.euclidean_gradient(point)
+    exact = sum(float((g * d).sum()) for g, d in zip(grads, direction, strict=True))
+    h = 1e-6
+    with torch.no_grad():
+        plus = float(problem.loss([p + h * d for p, d in zip(point, direction, strict=True)]))
+        minus = float(problem.loss([p - h * d for p, d in zip(point, direction, strict=True)]))
+    assert (plus - minus) / (2 * h) == pytest.approx(exact, rel=1e-6, abs=1e-9)
+
+
+def test_loss_is_positively_scale_invariant_per_group(problem):
+    point = problem.initial_point(2)
+    scaled = [p * s for p, s in zip(point, problem.group_scales(7, decades=2.0), strict=True)]
+    with torch.no_grad():
+        assert float(problem.loss(scaled)) == pytest.approx(float(problem.loss(point)), rel=1e-12)
+    _, grad = problem.riemannian_gradient(point)
+    _, grad_scaled = problem.riemannian_gradient(scaled)
+    assert problem.inner(scaled, grad_scaled) == pytest.approx(
+        problem.inner(point, grad), rel=1e-10
+    )
+
+
+def test_f_star_is_below_the_loss(problem):
+    for seed in range(3):
+        with torch.no_grad():
+            assert problem.f_star <= float(problem.loss(problem.initial_point(seed)))
+
+
+def test_batch_gradients_average_to_the_full_gradient(problem):
+    point = problem.initial_point(1)
+    losses, stacked = problem.batch_gradients(point)
+    value, grads = problem.euclidean_gradient(point)
+    assert float(losses.mean()) == pytest.approx(value, rel=1e-12)
+    for g, s in zip(grads, stacked, strict=True):
+        torch.testing.assert_close(s.mean(dim=0), g, rtol=1e-10, atol=1e-13)
+    last = problem.num_batches - 1
+    _, batch_grads = problem.euclidean_gradient(point, last)
+    for g, s in zip(batch_grads, stacked, strict=True):
+        torch.testing.assert_close(s[last], g, rtol=1e-10, atol=1e-13)
+
+
+def test_control_problem_is_not_scale_invariant():
+    problem = least_squares_without_bn()
+    point = problem.initial_point(0)
+    with torch.no_grad():
+        assert float(problem.loss([2 * p for p in point])) != pytest.approx(
+            float(problem.loss(point)), rel=1e-3
+        )
+
+
+# ---------------------------------------------------------------------- smoothness
+
+
+def _rayleigh_matrix(problem, dimension: int) -> torch.Tensor:
+    """The matrix :math:`A` of a Rayleigh-quotient problem: the Hessian of
+    :math:`f(w)\\,\\|w\\|^2 / 2 = w^\\top A w / 2`."""
+
+    def quadratic(w):
+        return problem.loss([w]) * w.square().sum() / 2
+
+    return torch.autograd.functional.hessian(quadratic, torch.ones(dimension, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("condition", [10.0, 1000.0])
+def test_rayleigh_constant_bounds_sampled_curvature_and_is_attained(condition):
+    problem = rayleigh_quotient(condition, dimension=8, seed=3)
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        curvature = sampled_curvature(problem, problem.initial_point(seed), generator=generator)
+        assert curvature <= problem.L * (1 + 1e-6)
+    eigenvalues, eigenvectors = torch.linalg.eigh(_rayleigh_matrix(problem, 8))
+    assert problem.L == pytest.approx(2 * float(eigenvalues[-1] - eigenvalues[0]), rel=1e-8)
+    assert problem.f_star == pytest.approx(float(eigenvalues[0]), rel=1e-8)
+    bottom, top = eigenvectors[:, 0], eigenvectors[:, -1]
+    assert curvature_along_curves(problem, [bottom], [[top]]) == pytest.approx(problem.L, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bn-least-squares", "bn-logistic-minibatch"])
+def test_estimated_constant_bounds_the_curvature_met(name):
+    problem = build_problem(name, BUDGETS["quick"].probe_steps)
+    assert not problem.smoothness.certified and problem.smoothness.margin >= 1.5
+    assert problem.L == pytest.approx(problem.smoothness.margin * problem.smoothness.sampled_max)
+    generator = torch.Generator().manual_seed(11)
+    assert sampled_curvature(problem, problem.initial_point(9), generator=generator) <= problem.L
+    trajectory = run(
+        problem,
+        problem.initial_point(0),
+        "psi-gd",
+        1 / problem.L,
+        60,
+        batch_sequence(problem, 60, 5),
+    )
+    change = trajectory.values[1:] - trajectory.values[:-1] - trajectory.step_inner
+    curvature = 2 * change / trajectory.step_sq
+    assert curvature.max() <= problem.L

@@ -1,0 +1,209 @@
+"""Check the convergence-rate bounds of GD/SGD on the PSI manifold numerically.
+
+Runs PSI GD, SGD, momentum and Adam and Euclidean GD on scale-invariant problems (Rayleigh
+quotients, BN least squares and logistic regression, a BN MLP on digits) and measures both
+sides of each statement of theory/README.md: the O(1/T) GD rate and the per-step descent
+inequality for eta <= 1/L, the SGD bound with constant and 1/sqrt(T) step sizes, equivariance
+of the iterates from equivalent starts, PSI GD against Euclidean GD from initial scales 0.1,
+1 and 10, and negative controls that must fail. Prints one line per check and exits with 1
+when a check whose hypotheses hold fails or a negative control does not fire.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import geoopt
+import numpy as np
+import torch
+
+import psi_geoopt
+from psi_geoopt.experiments.commandline import (
+    check_output_directory,
+    format_table,
+    positive_int,
+    write_json_atomically,
+)
+
+from .suite import run_suite
+
+__all__ = ["add_arguments", "failures", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer problems and shorter runs (under a minute on 2 CPU cores) instead of the "
+        "full suite (a few minutes)",
+    )
+    parser.add_argument(
+        "--json", type=Path, metavar="PATH", help="write the checks and metadata as JSON here"
+    )
+    parser.add_argument(
+        "--plots", type=Path, metavar="DIR", help="write log-log rate plots (PNG) into DIR"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch CPU threads (default: %(default)s)",
+    )
+
+
+def failures(records: list[dict]) -> list[str]:
+    """Names of the checks that make the run fail: a check whose hypotheses hold and that did
+    not pass, or a negative control that did not fire."""
+    return [
+        r["name"]
+        for r in records
+        if (r.get("expect_violation") and not r["violated"])
+        or (not r.get("expect_violation") and r["hypotheses_hold"] and not r["passed"])
+    ]
+
+
+def _format(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_format(v) for v in value) + "]"
+    return str(value)
+
+
+def _outcome(record: dict) -> str:
+    if record.get("expect_violation"):
+        return "fired" if record["violated"] else "DID NOT FIRE"
+    if not record["hypotheses_hold"]:
+        return "pass (not required)" if record["passed"] else "fail (not required)"
+    return "pass" if record["passed"] else "FAIL"
+
+
+def _hypotheses(record: dict) -> str:
+    if record.get("expect_violation"):
+        return "violated on purpose"
+    return "hold" if record["hypotheses_hold"] else "NOT MET"
+
+
+def format_checks(records: list[dict]) -> str:
+    """The table: one line per check."""
+    rows = [
+        (r["name"], _hypotheses(r), _format(r["observed"]), _format(r["bound"]), _outcome(r))
+        for r in records
+    ]
+    return format_table(("check", "hypotheses", "observed", "bound", "result"), rows)
+
+
+def format_comparisons(records: list[dict]) -> str:
+    """Plain-language lines on who is faster, PSI GD or Euclidean GD."""
+    lines = []
+    for r in records:
+        if not r["name"].startswith("euclidean-comparison/"):
+            continue
+        equal, tuned = r["iterations_equal_eta"], r["iterations_tuned_eta"]
+        lines.append(
+            f"{r['problem']}: iterations to |grad f|_g <= {r['eps_relative']:g} x initial "
+            f"(at most {r['max_steps']}; None = not reached)"
+        )
+        for init in r["faster"]["equal_eta"]:
+            lines.append(
+                f"  start {init:>5}: eta=1/L  PSI {equal['psi-gd@' + init]}, Euclidean "
+                f"{equal['euclidean-gd@' + init]} -> faster: {r['faster']['equal_eta'][init]};"
+                f"  best eta  PSI {tuned['psi-gd']}, Euclidean {tuned['euclidean-gd@' + init]}"
+                f" -> faster: {r['faster']['tuned_eta'][init]}"
+            )
+    return "\n".join(lines)
+
+
+def _jsonable(value):
+    """Records as strict JSON: numpy scalars to Python, non-finite floats to ``None``."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _metadata(mode: str, threads: int, started: datetime, duration: float) -> dict:
+    return {
+        "mode": mode,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "duration_s": round(duration, 2),
+        "machine": {
+            "node": platform.node(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "threads": threads,
+        },
+        "python_version": platform.python_version(),
+        "torch_version": torch.__version__,
+        "geoopt_version": geoopt.__version__,
+        "numpy_version": np.__version__,
+        "psi_geoopt_version": psi_geoopt.__version__,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    for option in ("json", "plots"):
+        if not hasattr(args, option):
+            setattr(args, option, None)
+    if args.json is not None:
+        if args.json.is_dir():
+            print(f"error: --json {str(args.json)!r} is a directory", file=sys.stderr)
+            return 2
+        reason = check_output_directory(args.json.parent)
+        if reason is not None:
+            print(f"error: --json: {reason}", file=sys.stderr)
+            return 2
+    if args.plots is not None:
+        reason = check_output_directory(args.plots)
+        if reason is not None:
+            print(f"error: --plots: {reason}", file=sys.stderr)
+            return 2
+    mode = "quick" if args.quick else "full"
+    threads = getattr(args, "threads", 1)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    started = datetime.now(timezone.utc)
+    clock = time.perf_counter()
+    try:
+        records = run_suite(mode, report=lambda line: print(f"... {line}", file=sys.stderr))
+    finally:
+        torch.set_num_threads(previous_threads)
+    duration = time.perf_counter() - clock
+    records = _jsonable(records)
+    print(format_checks(records))
+    print()
+    print(format_comparisons(records))
+    failed = failures(records)
+    print()
+    print(
+        f"{len(records)} checks, {len(failed)} failed, in {duration:.1f} s ({mode})"
+        + (": " + ", ".join(failed) if failed else "")
+    )
+    if args.json is not None:
+        write_json_atomically(
+            args.json, {"checks": records, **_metadata(mode, threads, started, duration)}
+        )
+        print(f"wrote {args.json}")
+    if args.plots is not None:
+        from .plots import plot_rates
+
+        for path in plot_rates(records, args.plots):
+            print(f"wrote {path}")
+    return 1 if failed else 0
