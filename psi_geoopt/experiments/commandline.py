@@ -95,6 +95,7 @@ def write_json_atomically(path: Path, content: object) -> None:
     interruption leaves either the old file or the new one, never a partial one."""
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        os.chmod(temporary, 0o644)
         with os.fdopen(descriptor, "w") as file:
             json.dump(content, file, indent=1)
             file.write("\n")

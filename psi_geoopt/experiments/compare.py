@@ -78,7 +78,7 @@ PRESETS: dict[str, dict] = {
         "lr_factors": [0.1, 0.3, 1.0, 3.0, 10.0],
         "init_scales": [0.1, 1.0, 10.0],
         "seeds": 5,
-        "steps": 400,
+        "steps": 200,
         "title": "Digits comparison",
     },
 }

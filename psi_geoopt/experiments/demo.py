@@ -30,8 +30,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import psi_geoopt
-
 from .commandline import (
     add_common_arguments,
     check_output_directory,
@@ -43,7 +41,7 @@ from .commandline import (
 from .data import load_dataset
 from .models import build_model
 from .plots import Curve, plot_loss_curves
-from .training import TrainResult, train_from_scratch
+from .training import TrainResult, scale_invariant_weights, train_from_scratch
 
 MODEL = "convnet-bn"
 DATASET = "digits"
@@ -82,9 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def channel_factors(seed: int, batch_size: int) -> dict[str, torch.Tensor]:
     r"""One factor :math:`c \sim \operatorname{LogUniform}[1, 10]` per PSI group of the model."""
     dataset = load_dataset(DATASET)
-    model = build_model(MODEL, seed, dataset.num_classes)
-    scale_invariant = psi_geoopt.find_scale_invariant(model, dataset.train_inputs[:batch_size])
-    parameters = dict(model.named_parameters())
+    scale_invariant = scale_invariant_weights(MODEL, dataset, batch_size)
+    parameters = dict(build_model(MODEL, seed, dataset.num_classes).named_parameters())
     generator = torch.Generator().manual_seed(seed)
     low, high = (math.log(bound) for bound in RESCALE_RANGE)
     factors = {}
@@ -130,6 +127,11 @@ def _summary(results: dict[tuple[str, str], TrainResult]) -> list[str]:
             f"Not reproduced with these settings: PSI SGD's curves differ by {psi:.2g}, not "
             f"clearly less than Euclidean SGD's ({sgd:.2g})."
         )
+    lines.append(
+        "One learning rate does not rank the two optimizers: Euclidean SGD's effective step is "
+        "lr / |w|^2 per channel, PSI SGD's is an angle; `psi-geoopt compare` compares them over "
+        "learning-rate and initial-scale grids."
+    )
     return lines
 
 

@@ -62,7 +62,12 @@ def plot_loss_curves(
 
 
 def plot_heatmaps(heatmaps: Sequence[Heatmap], path: Path, *, title: str) -> Path:
-    """One accuracy heatmap per optimizer (rows: learning rate, columns: initial scale)."""
+    """One accuracy heatmap per optimizer (rows: learning rate, columns: initial scale), on one
+    colour scale from the lowest accuracy (rounded down to 5 %, at least 50 %) to 100 %."""
+    lowest = min(
+        (np.nanmin(h.accuracy) for h in heatmaps if np.isfinite(h.accuracy).any()), default=50.0
+    )
+    floor = max(50.0, 5 * np.floor(lowest / 5))
     columns = min(3, len(heatmaps))
     rows = -(-len(heatmaps) // columns)
     figure, grid = plt.subplots(
@@ -74,7 +79,7 @@ def plot_heatmaps(heatmaps: Sequence[Heatmap], path: Path, *, title: str) -> Pat
         layout="constrained",
     )
     for axes, heatmap in zip(grid.flat, heatmaps, strict=False):
-        image = axes.imshow(heatmap.accuracy, cmap="viridis", vmin=50, vmax=100, aspect="auto")
+        image = axes.imshow(heatmap.accuracy, cmap="viridis", vmin=floor, vmax=100, aspect="auto")
         axes.set_xticks(range(len(heatmap.init_scales)), [f"{s:g}" for s in heatmap.init_scales])
         axes.set_yticks(
             range(len(heatmap.learning_rates)), [f"{lr:.3g}" for lr in heatmap.learning_rates]
@@ -92,7 +97,7 @@ def plot_heatmaps(heatmaps: Sequence[Heatmap], path: Path, *, title: str) -> Pat
                     ha="center",
                     va="center",
                     fontsize=7,
-                    color="white" if value < 80 else "black",
+                    color="white" if value < (floor + 100) / 2 else "black",
                 )
     for axes in list(grid.flat)[len(heatmaps) :]:
         axes.axis("off")

@@ -23,6 +23,7 @@ generator seeded with ``seed``, incomplete last batches dropped so every BatchNo
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -34,11 +35,11 @@ from torch.nn import functional as F
 
 import psi_geoopt
 
-from .data import Dataset
+from .data import Dataset, load_dataset
 from .models import build_model, rescale
 from .optimizers import build_optimizer
 
-__all__ = ["TrainResult", "evaluate", "train", "train_from_scratch"]
+__all__ = ["TrainResult", "evaluate", "scale_invariant_weights", "train", "train_from_scratch"]
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,28 @@ def train(
     )
 
 
+def scale_invariant_weights(
+    model_name: str, dataset: Dataset, batch_size: int = 64
+) -> dict[str, int | None]:
+    """The PSI weights of the architecture ``model_name`` (name → group axis).
+
+    Scale invariance is a property of the architecture, not of the initialization, so
+    :func:`psi_geoopt.find_scale_invariant` runs once per architecture, dataset and batch size
+    (on the seed-0 model and the first training batch) and the answer is reused.
+    """
+    return dict(_scale_invariant_weights(model_name, dataset.name, batch_size))
+
+
+@functools.cache
+def _scale_invariant_weights(
+    model_name: str, dataset_name: str, batch_size: int
+) -> tuple[tuple[str, int | None], ...]:
+    dataset = load_dataset(dataset_name)
+    model = build_model(model_name, 0, dataset.num_classes)
+    found = psi_geoopt.find_scale_invariant(model, dataset.train_inputs[:batch_size])
+    return tuple(found.items())
+
+
 def train_from_scratch(
     model_name: str,
     optimizer_name: str,
@@ -204,14 +227,14 @@ def train_from_scratch(
 ) -> TrainResult:
     """Build ``model_name`` from ``seed``, rescale its PSI weights, then :func:`train` it.
 
-    The PSI weights are those :func:`psi_geoopt.find_scale_invariant` finds on a training
-    batch; they are multiplied by ``init_scale`` (one number for all, or per-group factors as in
-    :func:`~psi_geoopt.experiments.models.rescale`) before the optimizer ``optimizer_name``
-    converts the model, so every optimizer starts from the same base initialization.
+    The PSI weights (:func:`scale_invariant_weights`) are multiplied by ``init_scale`` (one
+    number for all, or per-group factors as in :func:`~psi_geoopt.experiments.models.rescale`)
+    before the optimizer ``optimizer_name`` converts the model, so every optimizer starts from
+    the same base initialization.
     """
     example_inputs = dataset.train_inputs[:batch_size]
     model = build_model(model_name, seed, dataset.num_classes)
-    scale_invariant = psi_geoopt.find_scale_invariant(model, example_inputs)
+    scale_invariant = scale_invariant_weights(model_name, dataset, batch_size)
     rescale(model, scale_invariant, init_scale)
     optimizer = build_optimizer(optimizer_name, model, scale_invariant, example_inputs, lr)
     return train(
