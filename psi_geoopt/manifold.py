@@ -103,7 +103,10 @@ class PSIManifold(Manifold):
             return None
         axes = self._reduced_axes(x)
         with torch.no_grad():
-            peak = x.detach().abs().amax(dim=axes) if axes else x.detach().abs()
+            peak = x.detach().abs()
+            if axes:
+                # an empty group (a zero-size axis) is a zero group; amax rejects empty axes
+                peak = peak.amax(dim=axes) if peak.numel() else peak.sum(dim=axes)
             problems = []
             for label, bad in (("zero", peak == 0), ("non-finite (NaN or Inf)", ~peak.isfinite())):
                 if bool(bad.any()):
@@ -135,17 +138,16 @@ class PSIManifold(Manifold):
     def check_point(self, x: torch.Tensor, *, explain: bool = False):
         ok, reason = self._check_shape(x.shape, "x")
         if ok:
-            try:
-                reason = self._invalid_groups(x)
-            except TypeError as error:
-                reason = str(error)
-            ok = reason is None
+            ok, reason = self._check_point_on_manifold(x)
         return (ok, reason) if explain else ok
 
     def _check_point_on_manifold(
         self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
     ) -> tuple[bool, str | None]:
-        reason = self._invalid_groups(x)
+        try:
+            reason = self._invalid_groups(x)
+        except TypeError as error:
+            reason = str(error)
         return reason is None, reason
 
     def _check_vector_on_tangent(
@@ -153,6 +155,10 @@ class PSIManifold(Manifold):
     ) -> tuple[bool, str | None]:
         r"""Horizontality in the metric, :math:`|\langle u, \hat w\rangle| / r \le atol + rtol\,
         \|u\|_g` per group, so that the answer does not depend on the representative."""
+        try:
+            u = self._broadcast_to_point(x, "u", u)
+        except ValueError as error:
+            return False, str(error)
         x, u = self._upcast(x, u)
         radius = self._norm(x)
         radial = self._dot(x, u).abs() / radius**2

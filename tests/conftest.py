@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import hypothesis.strategies as st
+import pytest
 import torch
 
 from psi_geoopt import PSIManifold
@@ -127,3 +128,12 @@ def cases(draw, max_rank: int = 4, max_side: int = 4, decades: tuple[float, ...]
     dim = draw(st.one_of(st.none(), st.integers(-rank, rank - 1)))
     seed = draw(st.integers(0, 2**31 - 1))
     return Case(shape=shape, dim=dim, seed=seed, decades=draw(st.sampled_from(decades)))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for modules of tiny tensors (threads only contend on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

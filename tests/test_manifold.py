@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from psi_geoopt import PSIManifold
 
 PROPERTY = settings(max_examples=40, deadline=None)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------------- row-wise reference
