@@ -257,7 +257,7 @@ def _multi_tensor_rsgd(
         _single_tensor_rsgd(other, state, default_manifold, nesterov=nesterov, **hyper)
     if euclidean:
         _foreach_euclidean_sgd(euclidean, state, nesterov=nesterov, **hyper)
-    step = _compiled_psi_step() if compile else _psi_momentum_step
+    tasks = []
     for point, group_size in psi:
         buffer = state[point].get("momentum_buffer") if momentum != 0 else None
         first = momentum != 0 and buffer is None
@@ -269,17 +269,16 @@ def _multi_tensor_rsgd(
         x = _rows(point.data, group_size)
         if x.shape[0] == 0:  # a rank that holds no group of this parameter
             continue
-        _fused_psi_update(
-            step,
-            x,
-            _rows(point.grad, group_size),
-            None if buffer is None else _rows(buffer, group_size),
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            first=first,
-        )
+        buffer = None if buffer is None else _rows(buffer, group_size)
+        tasks.append((x, _rows(point.grad, group_size), buffer, first))
+    _psi_sgd(
+        tasks,
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        compile=compile,
+    )
 
 
 def _foreach_euclidean_sgd(
@@ -313,36 +312,65 @@ def _foreach_euclidean_sgd(
     torch._foreach_add_(params, grads, alpha=-lr)
 
 
-def _fused_psi_update(
-    step: Callable[..., None],
-    x: torch.Tensor,
-    grad: torch.Tensor,
-    buffer: torch.Tensor | None,
+def _psi_sgd(
+    tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]],
+    *,
+    compile: bool,
     **hyper,
 ) -> None:
-    """Run ``step`` on ``(groups, group_size)`` views, in float32 for float16/bfloat16."""
-    if x.dtype not in _LOW_PRECISION:
-        step(x, grad, buffer, **hyper)
-        return
-    x32, buffer32 = x.float(), None if buffer is None else buffer.float()
-    step(x32, grad.float(), buffer32, **hyper)
-    x.copy_(x32)
+    """The PSI step on ``(x, grad, buffer, first)`` row views (``buffer`` ``None`` without
+    momentum), float16/bfloat16 computed in float32.
+
+    Eager: the per-group sums of all tensors of one device, dtype and ``first`` flag are
+    concatenated, so that the per-group scalar algebra of :func:`_psi_coefficients` runs once
+    for all of them; then one in-place update per tensor (:func:`_psi_apply`). Compiled: one
+    fused call per tensor (:func:`_psi_fused_step`).
+    """
+    batches: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+    for x, grad, buffer, first in tasks:
+        dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        batches.setdefault((x.device, dtype, first), []).append((x, grad, buffer))
+    for (_, dtype, first), batch in batches.items():
+        work = [tuple(None if t is None else t.to(dtype) for t in views) for views in batch]
+        if compile and not first:
+            step = _compiled_psi_step()
+            for x, grad, buffer in work:
+                step(x, grad, buffer, first=first, **hyper)
+        else:
+            sums = torch.cat([_psi_sums(x, grad, None if first else b) for x, grad, b in work])
+            coefficients = _psi_coefficients(sums, first=first, **hyper)
+            pieces = coefficients.split([x.shape[0] for x, _, _ in work])
+            for (x, grad, buffer), piece in zip(work, pieces, strict=True):
+                _psi_apply(x, grad, buffer, piece, first=first, **hyper)
+        for original, computed in zip(batch, work, strict=True):
+            for target, source in zip(original, computed, strict=True):
+                if target is not None and source is not target:
+                    target.copy_(source)
+
+
+def _psi_sums(x: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    r"""Per-row sums :math:`s_{xx}, s_{xu}, s_{uu}` (and :math:`s_{bu}, s_{bb}` given a
+    buffer) as the columns of a ``(rows, 3)`` or ``(rows, 5)`` matrix."""
+    columns = [_sum_of_squares(x), torch.linalg.vecdot(x, grad, dim=1), _sum_of_squares(grad)]
     if buffer is not None:
-        buffer.copy_(buffer32)
+        columns += [torch.linalg.vecdot(buffer, grad, dim=1), _sum_of_squares(buffer)]
+    return torch.stack(columns, dim=1)
 
 
-def _psi_momentum_step(
-    x: torch.Tensor,
-    grad: torch.Tensor,
-    buffer: torch.Tensor | None,
+def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t, dim=1).square()
+
+
+def _psi_coefficients(
+    sums: torch.Tensor,
     *,
     lr: float,
     momentum: float,
     dampening: float,
     nesterov: bool,
     first: bool,
-) -> None:
-    r"""One PSI step on ``(groups, group_size)`` views, updating ``x`` and ``buffer`` in place.
+) -> torch.Tensor:
+    r"""Per-group coefficients of one PSI step, from the per-group sums of :func:`_psi_sums`.
 
     Per group, with :math:`u = \nabla f(x)` (weight decay is radial and drops out) and
     :math:`b` the transported buffer of the previous step, the reference step computes
@@ -384,78 +412,124 @@ def _psi_momentum_step(
     eager PyTorch adds a temporary per dot product and per in-place term). Without momentum
     (``buffer`` is ``None``): :math:`s_{xx}, s_{xu}, s_{uu}`, then
     :math:`x_+ = \sqrt{s_{xx}/(s_{xx} + \eta^2\|g\|^2)}\,(x - \eta g)`.
+
+    Returns a ``(rows, 7)`` matrix with columns :math:`c_x, c_u, c_b, e_x, e_u, e_b` and
+    :math:`\\|y\\|^2 / s_{xx}`, where :math:`x_+ = c_x x + c_u u + c_b b` and
+    :math:`b_+ = e_x x + e_u u + e_b b` (:math:`b` the buffer before the step; zeros at
+    the first step, absent without momentum, and then :math:`c_b = e_b = 0`).
     """
-    xx = _sum_of_squares(x)
-    xu = torch.linalg.vecdot(x, grad, dim=1).unsqueeze(1)
-    uu = _sum_of_squares(grad)
+    xx, xu, uu = sums[:, 0], sums[:, 1], sums[:, 2]
     gg = (xx * (xx * uu - xu * xu)).clamp_min(0)
-    if buffer is None:
+    zero = torch.zeros_like(xx)
+    if momentum == 0:  # d = g
         yy = xx + lr * lr * gg
         scale = (xx / yy).sqrt()
-        x.mul_(scale * (1 + lr * xu)).addcmul_(grad, scale * (-lr) * xx)
-        return
-    if first:
-        # b' = g
-        b_coeff, u_coeff, x_coeff = 0.0, xx, -xu
-        bb_new, bg_new = gg, gg
+        columns = [scale * (1 + lr * xu), -lr * scale * xx, zero, zero, zero, zero, yy / xx]
+        return torch.stack(columns, dim=1)
+    # b' = keep_b b + keep_u u + keep_x x
+    if first:  # b' = g
+        keep_b, keep_u, keep_x = 0.0, xx, -xu
+        bb_new = bg_new = gg
     else:
-        bg = xx * torch.linalg.vecdot(buffer, grad, dim=1).unsqueeze(1)
-        bb = _sum_of_squares(buffer)
+        bg = xx * sums[:, 3]
         keep = 1 - dampening
-        b_coeff, u_coeff, x_coeff = momentum, keep * xx, -keep * xu
-        bb_new = momentum * momentum * bb + 2 * momentum * keep * bg + keep * keep * gg
+        keep_b, keep_u, keep_x = momentum, keep * xx, -keep * xu
+        bb_new = momentum * momentum * sums[:, 4] + 2 * momentum * keep * bg + keep * keep * gg
         bg_new = momentum * bg + keep * gg
-    if nesterov:
+    # d = dir_b b + dir_u u + dir_x x
+    if nesterov:  # d = g + mu b'
+        dir_b, dir_u, dir_x = momentum * keep_b, xx + momentum * keep_u, momentum * keep_x - xu
         dd = gg + 2 * momentum * bg_new + momentum * momentum * bb_new
         bd = bg_new + momentum * bb_new
     else:
+        dir_b, dir_u, dir_x = keep_b, keep_u, keep_x
         dd = bd = bb_new
     yy = xx + lr * lr * dd
+    scale = (xx / yy).sqrt()
     kappa = lr * bd / yy
-    if not nesterov:
-        # b_+ = (1 - kappa lr) b' + kappa x ; x_+ = sqrt(yy / xx) (x - lr b_+)
-        shrink = 1 - kappa * lr
-        if not first:
-            buffer.mul_(b_coeff * shrink)
-        buffer.addcmul_(grad, u_coeff * shrink).addcmul_(x, x_coeff * shrink + kappa)
-        x.sub_(buffer, alpha=lr).mul_((yy / xx).sqrt())
-        return
-    # d = g + mu b' = (xx + mu u_coeff) u + (-xu + mu x_coeff) x + mu b_coeff b
-    y = x.mul(1 - lr * (-xu + momentum * x_coeff)).addcmul_(grad, -lr * (xx + momentum * u_coeff))
+    # y = x - lr d; x_+ = scale y; b_+ = b' + kappa y
+    y_x, y_u, y_b = 1 - lr * dir_x, -lr * dir_u, -lr * dir_b
+    columns = [scale * y_x, scale * y_u, zero, keep_x + kappa * y_x, keep_u + kappa * y_u, zero]
     if not first:
-        y.add_(buffer, alpha=-lr * momentum * b_coeff)
-        buffer.mul_(b_coeff)
-    buffer.addcmul_(grad, u_coeff).addcmul_(x, x_coeff).addcmul_(y, kappa)
-    torch.mul(y, (xx / yy).sqrt(), out=x)
+        columns[2], columns[5] = scale * y_b, keep_b + kappa * y_b
+    return torch.stack([*columns, yy / xx], dim=1)
 
 
-def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
-    """Per-row :math:`\\|t_i\\|^2` of a matrix, shape ``(rows, 1)``."""
-    return torch.linalg.vector_norm(t, dim=1, keepdim=True).square()
+def _psi_apply(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    buffer: torch.Tensor | None,
+    coefficients: torch.Tensor,
+    *,
+    lr: float,
+    nesterov: bool,
+    first: bool,
+    **_,
+) -> None:
+    """The in-place eager update of one tensor from its rows of :func:`_psi_coefficients`."""
+    x_coeff, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, growth = coefficients.T.unsqueeze(-1)
+    if buffer is None:
+        x.mul_(x_coeff).addcmul_(grad, u_coeff)
+        return
+    if not nesterov:
+        # d = b', so y = (|y|^2 / s_xx)(x - lr b_+): update the buffer first, then x from it
+        if not first:
+            buffer.mul_(bb_coeff)
+        buffer.addcmul_(grad, bu_coeff).addcmul_(x, bx_coeff)
+        x.sub_(buffer, alpha=lr).mul_(growth.sqrt())
+        return
+    new_x = x.mul(x_coeff).addcmul_(grad, u_coeff)
+    if not first:
+        new_x.addcmul_(buffer, b_coeff)
+        buffer.mul_(bb_coeff)
+    buffer.addcmul_(grad, bu_coeff).addcmul_(x, bx_coeff)
+    x.copy_(new_x)
+
+
+def _psi_fused_step(
+    x: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None, *, first: bool, **hyper
+) -> None:
+    """One tensor's step written as pure expressions and two copies, the form that
+    :func:`torch.compile` fuses into one reduction pass and one elementwise pass."""
+    sums = _psi_sums(x, grad, None if first else buffer)
+    coefficients = _psi_coefficients(sums, first=first, **hyper)
+    x_coeff, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, _ = coefficients.T.unsqueeze(-1)
+    new_x = x_coeff * x + u_coeff * grad
+    if buffer is not None:
+        new_buffer = bx_coeff * x + bu_coeff * grad
+        if not first:
+            new_x = new_x + b_coeff * buffer
+            new_buffer = new_buffer + bb_coeff * buffer
+        buffer.copy_(new_buffer)
+    x.copy_(new_x)
 
 
 _COMPILED: dict[str, Callable[..., None]] = {}
 
 
 def _compiled_psi_step() -> Callable[..., None]:
-    """:func:`_psi_momentum_step` through :func:`torch.compile`, falling back to eager."""
+    """:func:`_psi_fused_step` through :func:`torch.compile`; eager where compilation fails.
+
+    Used for every step but a buffer's first, which runs eagerly: it happens once, and the
+    C++ code generation of torch 2.13 fails on that variant of the graph.
+    """
     if "step" not in _COMPILED:
-        compiled = torch.compile(_psi_momentum_step, dynamic=True)
+        compiled = torch.compile(_psi_fused_step, dynamic=True)
 
         def step(*args, **kwargs) -> None:
             if _COMPILED.get("failed"):
-                return _psi_momentum_step(*args, **kwargs)
+                return _psi_fused_step(*args, **kwargs)
             try:
                 return compiled(*args, **kwargs)
             except Exception as error:  # a missing compiler or an unsupported backend
                 warnings.warn(
                     f"RiemannianSGD(compile=True): torch.compile failed ({error!r:.200}); "
-                    "using the eager fused step",
+                    "running the step eagerly",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 _COMPILED["failed"] = step
-                return _psi_momentum_step(*args, **kwargs)
+                return _psi_fused_step(*args, **kwargs)
 
         _COMPILED["step"] = step
     return _COMPILED["step"]
