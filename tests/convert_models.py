@@ -1,0 +1,295 @@
+"""Small models with hand-labelled scale-invariant weights, for tests/test_convert.py.
+
+Every builder returns ``(model, example_inputs, truth)`` where ``truth`` maps each weight that is
+positively scale invariant in training mode to its finest group axis (PSI_GEOMETRY.md §6); every
+other parameter is not. Sizes are tiny so a probe of each takes well under a second on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _inputs(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def vgg_bn():
+    """VGG with BN: Conv (with bias, as torchvision's) → BN → ReLU, pools, a dropout MLP head."""
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    model = nn.Sequential(
+        *block(3, 4),
+        *block(4, 4),
+        nn.MaxPool2d(2),
+        *block(4, 8),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 16),
+        nn.ReLU(True),
+        nn.Dropout(0.5),
+        nn.Linear(16, 10),
+    )
+    truth = {"0.weight": 0, "3.weight": 0, "7.weight": 0}
+    return model, _inputs(6, 3, 8, 8), truth
+
+
+class BasicBlock(nn.Module):
+    """Post-activation residual block (He et al., 2016): the add comes after bn2."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 layout (stem, 4 stages of 2 basic blocks, pool, fc) with narrow channels."""
+
+    def __init__(self, widths=(4, 4, 8, 8), num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        layers, cin = [], widths[0]
+        for stage, width in enumerate(widths):
+            stride = 1 if stage == 0 else 2
+            layers.append(
+                nn.Sequential(BasicBlock(cin, width, stride), BasicBlock(width, width, 1))
+            )
+            cin = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18():
+    model = ResNet18()
+    truth = {name: 0 for name, p in model.named_parameters() if p.dim() == 4}
+    return model, _inputs(4, 3, 16, 16), truth
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation block (He et al., 2016b): BN → ReLU → Conv twice, conv2 + shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.layer1 = PreActBlock(4, 4, 1)
+        self.layer2 = PreActBlock(4, 8, 2)
+        self.layer3 = PreActBlock(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = F.relu(self.bn(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def preact_resnet():
+    """Only the convolutions that feed bn2 inside a block are PSI.
+
+    The stem's output is also the identity shortcut of layer1; every conv2 and the projection
+    shortcut are added to a value not scaled with them.
+    """
+    truth = {"layer1.conv1.weight": 0, "layer2.conv1.weight": 0, "layer3.conv1.weight": 0}
+    return PreActResNet(), _inputs(4, 3, 8, 8), truth
+
+
+def mlp_bn():
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(12, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 16, bias=False),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(16, 5),
+    )
+    return model, _inputs(8, 3, 4), {"1.weight": 0, "4.weight": 0}
+
+
+class Mixed(nn.Module):
+    """Positive and negative cases of PSI_GEOMETRY.md §6, one branch each, on a tuple input."""
+
+    def __init__(self):
+        super().__init__()
+        c = 4
+        bn = nn.BatchNorm2d
+        self.conv_bias_bn = nn.Conv2d(3, c, 3, padding=1)  # ✓ BN removes the bias
+        self.bn_a = bn(c)
+        self.conv_bias_relu_bn = nn.Conv2d(3, c, 3, padding=1)  # ✗ ReLU(cz + b)
+        self.bn_b = bn(c)
+        self.conv_relu_bn = nn.Conv2d(3, c, 3, padding=1, bias=False)  # ✓
+        self.bn_c = bn(c)
+        self.conv_sigmoid_bn = nn.Conv2d(3, c, 3, padding=1, bias=False)  # ✗
+        self.bn_d = bn(c)
+        self.conv_leaky_pool_dropout = nn.Conv2d(3, c, 3, padding=1, bias=False)  # ✓
+        self.bn_e = bn(c)
+        self.depthwise = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)  # ✓
+        self.bn_f = bn(3)
+        self.grouped = nn.Conv2d(4, 4, 1, groups=2, bias=False)  # ✓ per channel
+        self.bn_grouped = bn(4)
+        self.conv_groupnorm = nn.Conv2d(3, c, 1, bias=False)  # ✓ whole tensor only
+        self.gn = nn.GroupNorm(2, c)
+        self.conv_groupnorm_1 = nn.Conv2d(3, c, 1, bias=False)  # ✓ one channel per group
+        self.gn_1 = nn.GroupNorm(c, c)
+        self.conv_instancenorm = nn.Conv2d(3, c, 3)  # ✓ IN removes the bias
+        self.inorm = nn.InstanceNorm2d(c)
+        self.linear_layernorm = nn.Linear(3 * 8 * 8, 6, bias=False)  # ✓ whole tensor only
+        self.ln = nn.LayerNorm(6)
+        self.linear_bias_layernorm = nn.Linear(3 * 8 * 8, 6)  # ✗ the bias varies along LN
+        self.ln_b = nn.LayerNorm(6)
+        self.transposed = nn.ConvTranspose2d(3, c, 2, stride=2, bias=False)  # ✓ dim=1
+        self.bn_t = bn(c)
+        self.transposed_grouped = nn.ConvTranspose2d(4, 4, 2, groups=2, bias=False)  # ✓ None
+        self.bn_tg = bn(4)
+        self.sliced = nn.Conv2d(3, c, 1, bias=False)  # ✓ some channels sliced away
+        self.bn_slice = bn(c - 1)
+        self.shared = nn.Conv2d(3, 3, 3, padding=1, bias=False)  # used twice in parallel ✓
+        self.bn_s1 = bn(3)
+        self.bn_s2 = bn(3)
+        self.twice = nn.Conv2d(3, 3, 1, bias=False)  # applied to its own output: c² → None
+        self.bn_twice = bn(3)
+        self.concat = nn.Conv2d(3, c, 1, bias=False)  # ✓ cat with the input, then BN
+        self.bn_cat = bn(3 + c)
+        self.concat_ln = nn.Conv2d(3, c, 1, bias=False)  # ✗ cat, then LayerNorm over all
+        self.ln_cat = nn.LayerNorm([3 + c, 8, 8])
+        self.residual = nn.Conv2d(3, 3, 3, padding=1, bias=False)  # ✗ + input before BN
+        self.bn_r = bn(3)
+        self.sync = nn.Conv2d(3, c, 1, bias=False)  # ✓
+        self.sync_bn = nn.SyncBatchNorm(c)
+        self.no_effect = nn.Conv2d(3, c, 1, bias=False)  # ✗ multiplied by 0
+        self.bn_z = bn(c)
+        self.functional = nn.Parameter(torch.randn(c, 3, 3, 3))  # ✓ F.conv2d → F.batch_norm
+        self.conv1d = nn.Conv1d(2, c, 3, bias=False)  # ✓
+        self.bn1d = nn.BatchNorm1d(c)
+        self.conv3d = nn.Conv3d(1, c, 3, padding=1)  # ✓
+        self.bn3d = nn.BatchNorm3d(c)
+        self.rms = nn.Linear(6, 5, bias=False)  # ✓ RMSNorm removes the whole scale
+        self.rms_norm = nn.RMSNorm(5)
+        self.head = nn.Linear(c, 2)  # ✗ classifier
+
+    def forward(self, image, sequence, volume):
+        x = image
+        pooled = F.leaky_relu(self.conv_leaky_pool_dropout(x), 0.1)
+        pooled = F.dropout(F.avg_pool2d(pooled, 2), 0.3, self.training)
+        cat = torch.cat([x, self.concat(x)], dim=1)
+        cat_ln = torch.cat([x, self.concat_ln(x)], dim=1)
+        depthwise = self.bn_f(self.depthwise(x))
+        flat = x.flatten(1)
+        features = self.ln(self.linear_layernorm(flat))
+        outputs = [
+            self.bn_a(self.conv_bias_bn(x)),
+            self.bn_b(F.relu(self.conv_bias_relu_bn(x))),
+            self.bn_c(torch.relu(self.conv_relu_bn(x))),
+            self.bn_d(torch.sigmoid(self.conv_sigmoid_bn(x))),
+            self.bn_e(pooled),
+            depthwise,
+            self.bn_grouped(self.grouped(torch.cat([depthwise, x[:, :1]], dim=1))),
+            self.gn(self.conv_groupnorm(x)),
+            self.gn_1(self.conv_groupnorm_1(x)),
+            self.inorm(self.conv_instancenorm(x)),
+            features,
+            self.ln_b(self.linear_bias_layernorm(flat)),
+            self.bn_t(self.transposed(x)),
+            self.bn_tg(self.transposed_grouped(torch.cat([x, x[:, :1]], dim=1))),
+            self.bn_slice(self.sliced(x)[:, 1:]),
+            self.bn_s1(self.shared(x)),
+            self.bn_s2(self.shared(x.flip(2))),
+            self.bn_twice(self.twice(self.twice(x))),
+            self.bn_cat(cat),
+            self.ln_cat(cat_ln),
+            self.bn_r(self.residual(x) + x),
+            self.sync_bn(self.sync(x)),
+            self.bn_z(self.no_effect(x) * 0.0),
+            F.batch_norm(F.conv2d(x, self.functional), None, None, training=True),
+            self.bn1d(self.conv1d(sequence)),
+            self.bn3d(self.conv3d(volume)),
+            self.rms_norm(self.rms(features)),
+        ]
+        head = self.head(outputs[0].mean((2, 3)))
+        return head, outputs
+
+
+def mixed():
+    truth = {
+        "conv_bias_bn.weight": 0,
+        "conv_relu_bn.weight": 0,
+        "conv_leaky_pool_dropout.weight": 0,
+        "depthwise.weight": 0,
+        "grouped.weight": 0,
+        "conv_groupnorm.weight": None,
+        "conv_groupnorm_1.weight": 0,
+        "conv_instancenorm.weight": 0,
+        "linear_layernorm.weight": None,
+        "transposed.weight": 1,
+        "transposed_grouped.weight": None,
+        "sliced.weight": 0,
+        "shared.weight": 0,
+        "twice.weight": None,
+        "concat.weight": 0,
+        "sync.weight": 0,
+        "functional": 0,
+        "conv1d.weight": 0,
+        "conv3d.weight": 0,
+        "rms.weight": None,
+    }
+    inputs = (_inputs(6, 3, 8, 8), _inputs(6, 2, 7, seed=1), _inputs(6, 1, 4, 4, 4, seed=2))
+    return Mixed(), inputs, truth
+
+
+MODELS = {
+    "vgg_bn": vgg_bn,
+    "resnet18": resnet18,
+    "preact_resnet": preact_resnet,
+    "mlp_bn": mlp_bn,
+    "mixed": mixed,
+}
