@@ -246,7 +246,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="device to run on, e.g. cpu or cuda (default: cpu)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help="timed rounds per optimizer (default: 30, quick 5)"
+        "--rounds", type=int, default=None, help="timed rounds per optimizer (default: 20, quick 5)"
     )
     parser.add_argument(
         "--no-compile", action="store_true", help="skip the torch.compile variant of the fast path"
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {device} requested but CUDA is not available")
         return 2
-    rounds = args.rounds if args.rounds is not None else (5 if args.quick else 30)
+    rounds = args.rounds if args.rounds is not None else (5 if args.quick else 20)
     if rounds < 1:
         print(f"error: --rounds must be at least 1, got {rounds}")
         return 2

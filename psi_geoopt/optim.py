@@ -414,7 +414,7 @@ def _psi_coefficients(
     :math:`x_+ = \sqrt{s_{xx}/(s_{xx} + \eta^2\|g\|^2)}\,(x - \eta g)`.
 
     Returns a ``(rows, 7)`` matrix with columns :math:`c_x, c_u, c_b, e_x, e_u, e_b` and
-    :math:`\\|y\\|^2 / s_{xx}`, where :math:`x_+ = c_x x + c_u u + c_b b` and
+    :math:`\|y\|^2 / s_{xx}`, where :math:`x_+ = c_x x + c_u u + c_b b` and
     :math:`b_+ = e_x x + e_u u + e_b b` (:math:`b` the buffer before the step; zeros at
     the first step, absent without momentum, and then :math:`c_b = e_b = 0`).
     """
