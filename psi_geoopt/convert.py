@@ -163,6 +163,13 @@ _DATA_MOVEMENT_METHODS = {
     "split",
     "expand",
 }
+#: metadata of a tensor (not its values): never scaled
+_SHAPE_QUERIES = {
+    ("call_function", getattr),
+    ("call_method", "size"),
+    ("call_method", "dim"),
+    ("call_method", "numel"),
+}
 _CONCATENATIONS = {torch.cat, torch.concat, torch.stack}
 _ADDITIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
 _ADD_METHODS = {"add", "add_", "sub", "sub_"}
@@ -494,7 +501,7 @@ class _Probe:
             warnings.warn(
                 f"find_scale_invariant: torch.fx cannot trace {self.model_name} "
                 f"({self.trace_error}); deciding from the numeric probe only",
-                stacklevel=3,
+                stacklevel=4,
             )
             return None
         self.values = recorder.values
@@ -595,7 +602,8 @@ class _Probe:
             else:
                 lines.append(f"  {name}: not PSI ({decision.reason})")
         others = len(self.names) - len(decisions)
-        lines.append(f"  ({others} other parameters are not weights of linear maps)")
+        if self.has_normalization:
+            lines.append(f"  ({others} other parameters are not weights of linear maps)")
         return "\n".join(lines)
 
     # -- numeric test
@@ -733,6 +741,8 @@ class _Probe:
                 return self._move(node, states)
             return _Bad(f"{type(module).__name__} {where} is not positively homogeneous")
         target = node.target
+        if (node.op, target) in _SHAPE_QUERIES:
+            return None
         if node.op == "call_function":
             if target in _LINEAR_FUNCTIONS:
                 kind = _LINEAR_FUNCTIONS[target]
@@ -792,8 +802,13 @@ class _Probe:
         """
 
         def replace(arg):
-            state = states.get(arg)
-            return pick(state, arg) if isinstance(state, _Flow) else self.values[arg]
+            state, value = states.get(arg), self.values[arg]
+            if isinstance(state, tuple):  # the pieces of chunk/split
+                return type(value)(
+                    pick(s, arg) if isinstance(s, _Flow) else v
+                    for s, v in zip(state, value, strict=True)
+                )
+            return pick(state, arg) if isinstance(state, _Flow) else value
 
         args = fx.node.map_arg(node.args, replace)
         kwargs = fx.node.map_arg(node.kwargs, replace)
@@ -1016,11 +1031,11 @@ def _homogeneous(flow: _Flow | None, where: str):
 
 
 def _factor(flow: _Flow, _: fx.Node) -> torch.Tensor:
-    return flow.factor
+    return flow.factor.contiguous()  # factors are often expanded views: make `view` work
 
 
 def _shift(flow: _Flow, _: fx.Node) -> torch.Tensor:
-    return _offset_or_zeros(flow)
+    return _offset_or_zeros(flow).contiguous()
 
 
 def _offset_or_zeros(flow: _Flow) -> torch.Tensor:

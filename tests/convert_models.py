@@ -215,6 +215,12 @@ class Mixed(nn.Module):
         self.bn3d = nn.BatchNorm3d(c)
         self.rms = nn.Linear(6, 5, bias=False)  # ✓ RMSNorm removes the whole scale
         self.rms_norm = nn.RMSNorm(5)
+        self.transposed1d = nn.ConvTranspose1d(2, c, 3, bias=False)  # ✓ dim=1
+        self.bn_t1d = nn.BatchNorm1d(c)
+        self.chunked = nn.Conv2d(3, c, 1, bias=False)  # ✓ chunk, each half normalized
+        self.bn_chunk = bn(c // 2)
+        self.viewed = nn.Conv2d(3, 2, 1, bias=False)  # ✓ view(size(0), -1), BN per feature
+        self.bn_view = nn.BatchNorm1d(2 * 8 * 8)
         self.head = nn.Linear(c, 2)  # ✗ classifier
 
     def forward(self, image, sequence, volume):
@@ -255,6 +261,14 @@ class Mixed(nn.Module):
             self.bn3d(self.conv3d(volume)),
             self.rms_norm(self.rms(features)),
         ]
+        first, second = self.chunked(x).chunk(2, dim=1)
+        viewed = self.viewed(x)
+        outputs += [
+            self.bn1d(self.transposed1d(sequence)[..., :7]),
+            self.bn_chunk(first),
+            self.bn_chunk(F.relu(second)),
+            self.bn_view(viewed.view(viewed.size(0), -1)),
+        ]
         head = self.head(outputs[0].mean((2, 3)))
         return head, outputs
 
@@ -281,6 +295,9 @@ def mixed():
         "conv1d.weight": 0,
         "conv3d.weight": 0,
         "rms.weight": None,
+        "transposed1d.weight": 1,
+        "chunked.weight": 0,
+        "viewed.weight": 0,
     }
     inputs = (_inputs(6, 3, 8, 8), _inputs(6, 2, 7, seed=1), _inputs(6, 1, 4, 4, 4, seed=2))
     return Mixed(), inputs, truth
