@@ -26,6 +26,7 @@ finished runs and the summary of what is there.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -227,32 +228,32 @@ def _resolve(args: argparse.Namespace) -> dict:
 def plan(grid: dict, batch_size: int, target_loss: float) -> list[RunSpec]:
     """Every run of the grid, seeds innermost so that partial results cover whole cells."""
     runs = []
-    for model in grid["models"]:
-        for dataset in grid["datasets"]:
-            for optimizer in grid["optimizers"]:
-                reference = OPTIMIZERS[optimizer].reference_lr
-                rates = (
-                    [(lr, None) for lr in grid["lrs"]]
-                    if grid["lrs"] is not None
-                    else [(float(f"{reference * f:.6g}"), f) for f in grid["lr_factors"]]
+    for model, dataset, optimizer in itertools.product(
+        grid["models"], grid["datasets"], grid["optimizers"]
+    ):
+        reference = OPTIMIZERS[optimizer].reference_lr
+        rates = (
+            [(lr, None) for lr in grid["lrs"]]
+            if grid["lrs"] is not None
+            else [(float(f"{reference * f:.6g}"), f) for f in grid["lr_factors"]]
+        )
+        for (lr, factor), scale, seed in itertools.product(
+            rates, grid["init_scales"], range(grid["seeds"])
+        ):
+            runs.append(
+                RunSpec(
+                    model,
+                    dataset,
+                    optimizer,
+                    lr,
+                    factor,
+                    scale,
+                    seed,
+                    grid["steps"],
+                    batch_size,
+                    target_loss,
                 )
-                for lr, factor in rates:
-                    for scale in grid["init_scales"]:
-                        for seed in range(grid["seeds"]):
-                            runs.append(
-                                RunSpec(
-                                    model,
-                                    dataset,
-                                    optimizer,
-                                    lr,
-                                    factor,
-                                    scale,
-                                    seed,
-                                    grid["steps"],
-                                    batch_size,
-                                    target_loss,
-                                )
-                            )
+            )
     return runs
 
 
@@ -299,17 +300,18 @@ def run(args: argparse.Namespace) -> int:
             "missing ones, or choose another --out"
         )
     runs: list[dict] = []
+    done: set[tuple] = set()
     if error is None and results_path.exists():
         try:
             runs = _load_runs(results_path)
-        except (ValueError, KeyError) as problem:
-            error = f"cannot resume from {results_path}: {problem}"
+            done = {RunSpec.from_record(record).key() for record in runs}
+        except (ValueError, KeyError, TypeError) as problem:
+            error = f"cannot resume from {results_path}: {problem!r}"
     if error is not None:
         print(f"psi-geoopt compare: error: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     planned = plan(grid, args.batch_size, args.target_loss)
-    done = {RunSpec.from_record(record).key() for record in runs}
     todo = [spec for spec in planned if spec.key() not in done]
     print(f"{len(planned)} runs planned, {len(planned) - len(todo)} already in {results_path}")
     start = time.perf_counter()

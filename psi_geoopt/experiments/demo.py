@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -144,7 +145,7 @@ def _number(value: float | int | None) -> str:
 def run(args: argparse.Namespace) -> int:
     error = check_output_directory(args.out)
     if error:
-        print(f"psi-geoopt demo: error: {error}")
+        print(f"psi-geoopt demo: error: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     dataset = load_dataset(DATASET)
