@@ -31,6 +31,8 @@ import geoopt
 import torch
 from torch import nn
 
+from .convert import to_psi
+from .experiments.models import build_model
 from .manifold import PSIManifold
 from .optim import RiemannianSGD
 
@@ -166,16 +168,10 @@ def bench_steps(model: str, rounds: int, compile: bool, device: str) -> dict:
     return {"parameters": numel, "psi_tensors": len(shapes[0]), "results": summary}
 
 
-def _convnet(psi: bool, device: str) -> nn.Module:
-    from .experiments.models import build_model
-
-    model = build_model("convnet-bn", seed=0).to(device)
-    if psi:  # every convolution of convnet-bn feeds a BatchNorm
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                module.weight = geoopt.ManifoldParameter(
-                    module.weight.detach(), manifold=PSIManifold(dim=0)
-                )
+def _convnet(psi: bool, images: torch.Tensor) -> nn.Module:
+    model = build_model("convnet-bn", seed=0).to(images.device)
+    if psi:
+        to_psi(model, images)
     return model
 
 
@@ -186,7 +182,7 @@ def bench_training(batch_size: int, rounds: int, compile: bool, device: str) -> 
     labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
     actions = {}
     for contender in contenders(compile):
-        model = _convnet(contender.psi, device)
+        model = _convnet(contender.psi, images)
         optimizer = contender.build(list(model.parameters()))
 
         def train_step(model=model, optimizer=optimizer) -> None:
