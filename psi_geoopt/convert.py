@@ -27,13 +27,15 @@ finest first: one group per output channel (``dim=0`` for ``Linear``/``Conv`` we
      bias (a later linear map keeps :math:`F` if :math:`F` is constant along the axes it
      contracts, and maps :math:`O` with its own weight and bias);
    - ReLU, LeakyReLU, PReLU and dropout keep :math:`F` (positive homogeneity) and need
-     :math:`O = 0`; max/avg/adaptive pooling and ``mean`` need :math:`F` and :math:`O`
-     constant over what they pool; flatten/view/reshape/permute/transpose/squeeze/indexing,
+     :math:`O = 0`; max/avg/adaptive pooling needs :math:`F` and :math:`O` constant inside its
+     windows (and no :math:`O` through a zero-padded average), ``mean`` needs :math:`F`
+     constant along the averaged axes; flatten/view/reshape/permute/transpose/squeeze/indexing,
      ``chunk``/``split`` and ``cat``/``stack`` (other inputs pass by with :math:`F = 1`) move
-     :math:`F` and :math:`O` with the data, so channels keep their order;
+     :math:`F` and :math:`O` with the data, so channels keep their order; shape queries
+     (``size``, ``shape``) are not scaled;
    - adding a tensor not computed from the weight adds it to :math:`O`; adding two values
-     computed from the weight needs the same :math:`F`; multiplying by such a tensor keeps
-     :math:`F`;
+     computed from the weight needs the same :math:`F`; multiplying by a tensor not computed
+     from the weight keeps :math:`F` and multiplies :math:`O`;
    - BatchNorm1d/2d/3d and SyncBatchNorm with batch statistics normalize over all axes but
      the channel, InstanceNorm over the spatial axes, LayerNorm over its ``normalized_shape``,
      GroupNorm over each group of channels (so per-channel factors survive it unless a group
@@ -52,7 +54,11 @@ finest first: one group per output channel (``dim=0`` for ``Linear``/``Conv`` we
    a zero group fails here too, since it is no point of the manifold).
 
 When :mod:`torch.fx` cannot trace the model (data-dependent control flow), only the numeric
-test decides, for the ``weight`` of the linear-map modules listed above, and a warning says so.
+test decides, for the ``weight`` of the linear-map modules listed above, and a warning says so
+(the ``eps`` of functional normalizations then stays, which can only turn a "yes" into a "no").
+When the model does not run in float64 (e.g. float32 tensors created inside ``forward``), the
+copy keeps the model's own precision and the thresholds become :math:`10^{-4}` and
+:math:`10^{-2}`.
 Probing never touches the model: it works on a deep copy, inside
 :func:`torch.random.fork_rng`, so parameters, buffers (running statistics,
 ``num_batches_tracked``), training flags and the global random state are left as they were.
@@ -81,6 +87,8 @@ _NUMERIC_EPS = 1e-30
 _SCALE_DECADES = 2.0
 _INVARIANCE_RTOL = 1e-7
 _EFFECT_RTOL = 1e-4
+_LOW_INVARIANCE_RTOL = 1e-4  # where float64 does not run
+_LOW_EFFECT_RTOL = 1e-2
 _ROTATION = 0.3
 _CONSTANT_RTOL = 1e-9
 _SEED = 20210107
@@ -441,7 +449,7 @@ class _Recorder(fx.Interpreter):
 
 
 class _Probe:
-    """A float64 training-mode copy of a model, traced where possible, to test hypotheses on."""
+    """A float64 training-mode copy of a model, traced where possible, to test groupings on."""
 
     def __init__(self, model: nn.Module, example_inputs: Inputs):
         _check_model("find_scale_invariant", model)
@@ -456,27 +464,30 @@ class _Probe:
             )
         self.model_name = type(model).__name__
         self.names = [name for name, _ in model.named_parameters()]
-        try:
-            copied = copy.deepcopy(model)
-        except Exception as error:
-            raise TypeError(
-                f"find_scale_invariant: cannot deep-copy {self.model_name} to probe it: {error}"
-            ) from error
-        self.module = copied.double().train()
-        self.inputs = tuple(t.double() if t.is_floating_point() else t for t in example_inputs)
-        self.parameters = dict(self.module.named_parameters())
-        devices = {p.device for p in self.parameters.values()}
+        devices = {p.device for p in model.parameters()}
         self.cuda_devices = sorted(d.index or 0 for d in devices if d.type == "cuda")
         self.trace_error: str | None = None
+        self.precision_note: str | None = None
+        self.module = _copy(model).double().train()
+        self.inputs = tuple(t.double() if t.is_floating_point() else t for t in example_inputs)
+        self.invariance_rtol, self.effect_rtol = _INVARIANCE_RTOL, _EFFECT_RTOL
         with self._random_state():
             try:
                 self.module(*self.inputs)
             except Exception as error:
-                raise RuntimeError(
-                    f"find_scale_invariant: the forward pass of {self.model_name} on "
-                    f"`example_inputs` failed ({type(error).__name__}: {error})"
-                ) from error
+                # e.g. float32 tensors made inside forward: probe in the model's own precision
+                self.module, self.inputs = _copy(model).train(), example_inputs
+                self.invariance_rtol, self.effect_rtol = _LOW_INVARIANCE_RTOL, _LOW_EFFECT_RTOL
+                self.precision_note = f"{type(error).__name__}: {error}".splitlines()[0]
+                try:
+                    self.module(*self.inputs)
+                except Exception:
+                    raise RuntimeError(
+                        f"find_scale_invariant: the forward pass of {self.model_name} on "
+                        f"`example_inputs` failed ({type(error).__name__}: {error})"
+                    ) from error
             self.graph_module = self._trace()
+        self.parameters = dict(self.module.named_parameters())
         for module in self.module.modules():
             if isinstance(module, _NORMALIZATIONS):
                 module.eps = _NUMERIC_EPS
@@ -589,6 +600,8 @@ class _Probe:
 
     def summary(self, decisions: dict[str, _Decision]) -> str:
         lines = [f"find_scale_invariant({self.model_name}):"]
+        if self.precision_note is not None:
+            lines.append(f"  float64 forward failed ({self.precision_note}): own precision")
         if self.trace_error is not None:
             lines.append(f"  not traceable ({self.trace_error}): numeric probe only")
         if not self.has_normalization:
@@ -638,7 +651,7 @@ class _Probe:
         generator = torch.Generator().manual_seed(_SEED)
         groups = 1 if dim is None else weight.shape[dim]
         exponents = 2 * torch.rand(groups, generator=generator, dtype=torch.float64) - 1
-        factors = (10.0 ** (_SCALE_DECADES * exponents)).to(weight.device)
+        factors = (10.0 ** (_SCALE_DECADES * exponents)).to(weight)
         shape = [1] * weight.dim()
         if dim is not None:
             shape[dim] = groups
@@ -646,18 +659,18 @@ class _Probe:
             with torch.no_grad():
                 weight.mul_(factors.reshape(shape))
             change = self._largest_change(self._baseline)
-            if change > _INVARIANCE_RTOL:
+            if change > self.invariance_rtol:
                 return f"rescaling its groups changes the output (relative change {change:.2g})"
             with torch.no_grad():
                 weight.copy_(original)
                 direction = torch.randn(weight.shape, generator=generator, dtype=torch.float64).to(
-                    weight.device
+                    weight
                 )
                 direction = manifold.proju(original, direction)
                 angle = manifold.norm(original, direction, keepdim=True)
                 weight.copy_(manifold.expmap(original, direction * (_ROTATION / angle)))
             change = self._largest_change(self._baseline)
-            if not change > _EFFECT_RTOL:
+            if not change > self.effect_rtol:
                 return f"it has no effect on the output (relative change {change:.2g})"
             return None
         finally:
@@ -1046,8 +1059,8 @@ def _constant_along(t: torch.Tensor, axes: list[int]) -> bool:
     if not axes or t.numel() == 0:
         return True
     spread = (t.amax(dim=axes) - t.amin(dim=axes)).abs().max()
-    scale = t.abs().max()
-    return bool(spread <= _CONSTANT_RTOL * scale)
+    rtol = max(_CONSTANT_RTOL, 1000 * torch.finfo(t.dtype).eps)
+    return bool(spread <= rtol * t.abs().max())
 
 
 def _channel_factors(factor: torch.Tensor, kind: str, groups: int) -> torch.Tensor | None:
@@ -1086,6 +1099,15 @@ def _argument(node: fx.Node, position: int, keyword: str, default=None):
 
 def _as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:
+        raise TypeError(
+            f"find_scale_invariant: cannot deep-copy {type(model).__name__} to probe it: {error}"
+        ) from error
 
 
 def _fetch(module: nn.Module, target: str):

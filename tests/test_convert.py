@@ -141,6 +141,21 @@ def test_structural_no_wins_over_a_fooled_numeric_probe():
     assert find_scale_invariant(model, torch.randn(4, 3, 5, 5)) == {}
 
 
+def test_model_that_only_runs_in_its_own_precision():
+    class Float32Inside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 6)
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            scale = torch.linspace(1, 2, 6)  # float32 whatever the model's dtype
+            return self.bn(self.linear(x)) @ torch.diag(scale)
+
+    found = find_scale_invariant(Float32Inside(), torch.randn(8, 4))
+    assert found == {"linear.weight": 0}
+
+
 def test_weight_with_no_effect_is_not_reported():
     model, inputs, truth = mixed()
     found = find_scale_invariant(model, inputs)
