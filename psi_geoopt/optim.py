@@ -11,7 +11,8 @@ starts from the gradient), and it no longer writes weight decay into ``p.grad``.
 Two implementations of the same step live side by side, as in :mod:`torch.optim.sgd`:
 :func:`_single_tensor_rsgd`, the reference loop calling the manifold's operations parameter by
 parameter, and :func:`_multi_tensor_rsgd`, the fast path (``foreach`` ops for the Euclidean
-parameters, one fused pass per PSI parameter derived in :func:`_psi_momentum_step`).
+parameters; for PSI parameters closed forms that need one read pass for five per-group sums
+and one read-write pass, derived in :func:`_psi_coefficients`).
 """
 
 from __future__ import annotations
@@ -63,11 +64,17 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
     foreach : bool or None
         ``None`` (default) or ``True``: the fast path — ``torch._foreach_*`` operations over
         the plain (Euclidean) parameters of a group, as :class:`torch.optim.SGD` with
-        ``foreach=True``, and one fused pass per contiguous :class:`~psi_geoopt.PSIManifold`
-        parameter grouped along its first axis (``dim=0``, or ``dim=None``); every other
+        ``foreach=True``, and closed-form updates (two memory passes, the per-group scalar
+        algebra batched across tensors) for contiguous :class:`~psi_geoopt.PSIManifold`
+        parameters grouped along their first axis (``dim=0``, or ``dim=None``); every other
         parameter (other manifolds, other group axes, non-contiguous tensors) goes through
         the reference loop. ``False``: the reference loop for every parameter. Both compute
-        the same step up to rounding.
+        the same step up to rounding. A parameter that is not a
+        :class:`geoopt.ManifoldParameter` but has an attribute ``manifold`` is treated as a
+        point of that manifold: FSDP2's ``fully_shard`` replaces parameters by plain
+        ``DTensor`` parameters, and setting ``p.manifold`` again afterwards keeps them on PSI;
+        sharded along axis 0, each group lives on one rank and the fast path updates the
+        local rows without communication.
     compile : bool
         run the fused PSI pass through :func:`torch.compile` (one dynamic-shape graph; the
         first step compiles it, which takes tens of seconds on a CPU). Falls back to eager,
@@ -241,7 +248,7 @@ def _multi_tensor_rsgd(
     Euclidean parameters take ``torch._foreach_*`` operations (as ``torch.optim.SGD`` with
     ``foreach=True``, without writing into ``p.grad``), parameters on
     :class:`~psi_geoopt.PSIManifold` grouped along axis 0 one fused pass each
-    (:func:`_psi_momentum_step`), every other parameter the reference loop.
+    (:func:`_psi_sgd`), every other parameter the reference loop.
     """
     euclidean, psi, other = [], [], []
     for point in params:
