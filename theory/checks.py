@@ -358,14 +358,6 @@ def _iterations_to(trajectory: Trajectory, threshold: float) -> int | None:
     return int(reached[0]) if reached.size else None
 
 
-def _best(counts: dict[float, int | None]) -> tuple[float | None, int | None]:
-    finished = {lr: n for lr, n in counts.items() if n is not None}
-    if not finished:
-        return None, None
-    lr = min(finished, key=lambda rate: (finished[rate], rate))
-    return lr, finished[lr]
-
-
 def _verdict(psi: int | None, euclidean: int | None) -> str:
     if psi is None and euclidean is None:
         return "neither reached eps"
@@ -421,11 +413,25 @@ def euclidean_comparison(
     equal, tuned, best_rate, growth = {}, {}, {}, {}
     growth_residual = 0.0
 
-    def iterations(method: str, start: Params, rate: float, **options) -> tuple:
-        trajectory = run(
-            problem, start, method, rate, max_steps, stop_grad_norm=threshold, **options
-        )
+    def iterations(method: str, start: Params, rate: float, limit: int = max_steps, **options):
+        trajectory = run(problem, start, method, rate, limit, stop_grad_norm=threshold, **options)
         return _iterations_to(trajectory, threshold), trajectory
+
+    def tune(method: str, start: Params, rates: Sequence[float], natural: float) -> tuple:
+        """The rate with the fewest iterations (ties: the smaller rate) and that count.
+
+        Rates are tried from ``natural`` outwards, and each run stops as soon as it can no
+        longer beat the best so far, so that hopeless rates cost little.
+        """
+        chosen_rate, best_count = None, None
+        for rate in sorted(rates, key=lambda r: (abs(math.log(r / natural)), r)):
+            limit = max_steps if best_count is None else best_count
+            count = iterations(method, start, rate, limit)[0]
+            if count is not None and (
+                best_count is None or (count, rate) < (best_count, chosen_rate)
+            ):
+                chosen_rate, best_count = rate, count
+        return chosen_rate, best_count
 
     for init in INITIALIZATIONS:
         start = _start(problem, init)
@@ -442,12 +448,12 @@ def euclidean_comparison(
             )
         )
         factor = 1.0 if init == "mixed" else float(init) ** 2
-        counts = {
-            g * factor * lr: iterations("euclidean-gd", start, g * factor * lr)[0] for g in grid
-        }
-        best_rate[f"euclidean-gd@{init}"], tuned[f"euclidean-gd@{init}"] = _best(counts)
-    counts = {g * lr: iterations("psi-gd", _start(problem, "1"), g * lr)[0] for g in grid}
-    best_rate["psi-gd"], tuned["psi-gd"] = _best(counts)
+        best_rate[f"euclidean-gd@{init}"], tuned[f"euclidean-gd@{init}"] = tune(
+            "euclidean-gd", start, [g * factor * lr for g in grid], factor * lr
+        )
+    best_rate["psi-gd"], tuned["psi-gd"] = tune(
+        "psi-gd", _start(problem, "1"), [g * lr for g in grid], lr
+    )
     psi_counts = [equal[f"psi-gd@{init}"] for init in INITIALIZATIONS]
     spread = None if None in psi_counts else max(psi_counts) - min(psi_counts)
     verdicts = {

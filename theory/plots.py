@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 __all__ = ["FIGURES", "plot_rates"]
 
@@ -53,6 +54,9 @@ def plot_rates(records: Sequence[dict], directory: Path) -> list[Path]:
             axis.set_title(f"{record['problem']} ({status})", fontsize=9)
             axis.set_xlabel("T")
             axis.set_ylabel(ylabel, fontsize=8)
+            if kind == "sgd-schedule":
+                axis.xaxis.set_minor_formatter(NullFormatter())
+                axis.set_xticks(series["T"], [str(t) for t in series["T"]])
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize=8)
         for axis in list(axes.flat)[len(selected) :]:

@@ -10,6 +10,7 @@ sampled in turn; :math:`L` is :data:`~.smoothness.MARGIN` times the largest curv
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -50,6 +51,7 @@ class Budget:
     gd_steps: int
     sgd_problems: tuple[str, ...]
     sgd_steps: int
+    schedule_problems: tuple[str, ...]
     sgd_seeds: int
     sgd_horizons: tuple[int, ...]
     equivariance_problem: str
@@ -69,6 +71,7 @@ BUDGETS = {
         gd_steps=200,
         sgd_problems=("bn-logistic-minibatch",),
         sgd_steps=150,
+        schedule_problems=("bn-logistic-minibatch",),
         sgd_seeds=3,
         sgd_horizons=(16, 64, 256),
         equivariance_problem="bn-least-squares",
@@ -90,25 +93,26 @@ BUDGETS = {
             "bn-logistic",
             "mlp-digits",
         ),
-        gd_steps=3000,
+        gd_steps=1500,
         sgd_problems=("bn-logistic-minibatch", "mlp-digits-minibatch"),
-        sgd_steps=1000,
-        sgd_seeds=5,
-        sgd_horizons=(50, 150, 500, 1500),
+        sgd_steps=500,
+        schedule_problems=("bn-logistic-minibatch",),
+        sgd_seeds=4,
+        sgd_horizons=(50, 150, 450, 1350),
         equivariance_problem="mlp-digits",
         equivariance_stochastic_problem="mlp-digits-minibatch",
-        equivariance_steps=500,
+        equivariance_steps=200,
         comparisons=(
-            ("rayleigh-k10", 2000, 1e-3),
-            ("bn-least-squares", 2000, 1e-3),
-            ("bn-logistic", 2000, 1e-3),
-            ("mlp-digits", 1000, 1e-2),
+            ("rayleigh-k10", 1000, 1e-3),
+            ("bn-least-squares", 1000, 1e-3),
+            ("bn-logistic", 1000, 1e-3),
+            ("mlp-digits", 500, 1e-2),
         ),
         comparison_grid=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000),
         control_problems=("rayleigh-k10", "bn-least-squares", "mlp-digits"),
         control_factor=10.0,
-        control_steps=100,
-        probe_steps=500,
+        control_steps=50,
+        probe_steps=200,
     ),
 }
 
@@ -146,34 +150,43 @@ def run_suite(mode: str, report: Callable[[str], None] = lambda message: None) -
         return build_problem(name, budget.probe_steps)
 
     records: list[dict] = []
+
+    def add(check: Callable, *arguments) -> None:
+        """Run one check function; its records get the seconds that the call took."""
+        start = time.perf_counter()
+        result = check(*arguments)
+        seconds = round(time.perf_counter() - start, 2)
+        for record in result if isinstance(result, tuple) else (result,):
+            records.append({**record, "seconds": seconds})
+
     for name in budget.gd_problems:
         report(f"GD rate on {name}")
-        records += checks.gd_rate(problem(name), budget.gd_steps)
+        add(checks.gd_rate, problem(name), budget.gd_steps)
     for name in budget.sgd_problems:
-        report(f"SGD rates on {name}")
-        records.append(checks.sgd_rate(problem(name), budget.sgd_steps, budget.sgd_seeds))
-        records.append(checks.sgd_schedule(problem(name), budget.sgd_horizons, budget.sgd_seeds))
+        report(f"SGD rate on {name}")
+        add(checks.sgd_rate, problem(name), budget.sgd_steps, budget.sgd_seeds)
+    for name in budget.schedule_problems:
+        report(f"SGD 1/sqrt(T) schedule on {name}")
+        add(checks.sgd_schedule, problem(name), budget.sgd_horizons, budget.sgd_seeds)
     report("equivariance")
     deterministic = problem(budget.equivariance_problem)
     for optimizer in ("psi-gd", "psi-momentum", "psi-adam"):
-        records.append(checks.equivariance(deterministic, optimizer, budget.equivariance_steps))
+        add(checks.equivariance, deterministic, optimizer, budget.equivariance_steps)
     stochastic = problem(budget.equivariance_stochastic_problem)
-    records.append(checks.equivariance(stochastic, "psi-sgd", budget.equivariance_steps))
-    records.append(checks.euclidean_inequivalence(deterministic, budget.equivariance_steps))
+    add(checks.equivariance, stochastic, "psi-sgd", budget.equivariance_steps)
+    add(checks.euclidean_inequivalence, deterministic, budget.equivariance_steps)
     for name, max_steps, tolerance in budget.comparisons:
         report(f"Euclidean comparison on {name}")
-        records += checks.euclidean_comparison(
-            problem(name), max_steps, tolerance, budget.comparison_grid
+        add(
+            checks.euclidean_comparison, problem(name), max_steps, tolerance, budget.comparison_grid
         )
     report("negative controls")
     controls = [problem(name) for name in budget.control_problems]
-    records.append(
-        checks.descent_violation_control(controls, budget.control_factor, budget.control_steps)
-    )
-    reference = problem(budget.equivariance_problem)
-    records.append(
-        checks.non_psi_equivariance_control(
-            least_squares_without_bn(), 1.0 / reference.L, budget.equivariance_steps
-        )
+    add(checks.descent_violation_control, controls, budget.control_factor, budget.control_steps)
+    add(
+        checks.non_psi_equivariance_control,
+        least_squares_without_bn(),
+        1.0 / deterministic.L,
+        budget.equivariance_steps,
     )
     return records
