@@ -323,11 +323,11 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
     write_json_atomically(results_path, {"runs": runs})
-    elapsed = time.perf_counter() - start
     planned_keys = {spec.key() for spec in planned}
     selected = [record for record in runs if RunSpec.from_record(record).key() in planned_keys]
-    summary = write_report(selected, args, grid, elapsed)
+    summary = write_report(selected, args, grid)
     print(summary)
+    print(f"finished after {time.perf_counter() - start:.0f} s")
     if interrupted:
         print(
             f"interrupted: {results_path} holds {len(runs)} finished runs; run the same "
@@ -346,7 +346,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _format(values: Sequence[float], digits: int = 1) -> str:
-    mean, std = _mean_std(values)
+    mean, std = (round(value, digits) + 0.0 for value in _mean_std(values))  # no "-0.0"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -507,7 +507,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def write_report(runs: list[dict], args: argparse.Namespace, grid: dict, elapsed: float) -> str:
+def write_report(runs: list[dict], args: argparse.Namespace, grid: dict) -> str:
     """Write summary.md and the figures of ``runs`` into ``args.out`` (and the markdown file
     of ``--update-markdown``); return the summary."""
     summaries = _summarize(runs)
@@ -524,8 +524,8 @@ def write_report(runs: list[dict], args: argparse.Namespace, grid: dict, elapsed
         "",
         f"Regenerate with `{_command(args, grid)}`.",
         "",
-        f"Machine: {_machine()}. {len(runs)} runs, {compute / 60:.1f} min of training "
-        f"(this invocation: {elapsed / 60:.1f} min).",
+        f"Machine: {_machine()}. {len(runs)} runs, {compute / 60:.1f} min of training in all "
+        "(sum of the runs' wall times).",
         "",
         f"Grid: learning rates = {learning_rates}; initial scales "
         f"{', '.join(f'{s:g}' for s in grid['init_scales'])} (all PSI weights multiplied); "
