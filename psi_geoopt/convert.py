@@ -51,7 +51,10 @@ finest first: one group per output channel (``dim=0`` for ``Linear``/``Conv`` we
    groups by factors :math:`10^{U(-2, 2)}` changes no output by more than :math:`10^{-7}`
    times its largest entry, and rotating every group by 0.3 rad away from itself changes some
    output by more than :math:`10^{-4}` times its largest entry (the parameter has an effect;
-   a zero group fails here too, since it is no point of the manifold).
+   a zero group fails here too, since it is no point of the manifold). To save forward passes,
+   :func:`find_scale_invariant` first rescales all the structurally accepted weights at once
+   (each group by its own factor) and tests them one by one only if that changes the output;
+   the effect test is always one weight at a time.
 
 When :mod:`torch.fx` cannot trace the model (data-dependent control flow), only the numeric
 test decides, for the ``weight`` of the linear-map modules listed above, and a warning says so
@@ -573,9 +576,31 @@ class _Probe:
     # -- decisions
 
     def decide_all(self) -> dict[str, _Decision]:
+        """Decide every candidate; one joint rescaling replaces the per-weight ones if it holds."""
         if not self.has_normalization:
             return {}
-        return {name: self.decide(name) for name in self.candidates}
+        if self.graph_module is None:
+            return {name: self.decide(name) for name in self.candidates}
+        decisions, accepted = {}, {}
+        with self._random_state():
+            for name, dims in self.candidates.items():
+                reasons = []
+                for dim in dims:
+                    reason = self._structural(name, dim) or self._not_a_point(name, dim)
+                    if reason is None:
+                        accepted[name] = dim
+                        break
+                    reasons.append(f"dim={dim}: {reason}")
+                decisions[name] = _Decision(False, None, "; ".join(reasons))
+            jointly = self._rescaled_change(accepted) <= self.invariance_rtol
+            for name, dim in accepted.items():
+                if not jointly:
+                    decisions[name] = self.decide(name)
+                elif (reason := self._no_effect(name, dim)) is not None:
+                    decisions[name] = _Decision(False, None, f"dim={dim}: {reason}")
+                else:
+                    decisions[name] = _Decision(True, dim, "invariant")
+        return decisions
 
     def decide(self, name: str, dims: tuple[int | None, ...] | None = None) -> _Decision:
         """Accept the first grouping of ``dims`` (default: the candidate's) that holds."""
@@ -639,43 +664,63 @@ class _Probe:
         return change
 
     def _numeric(self, name: str, dim: int | None) -> str | None:
-        weight = self.parameters[name]
-        manifold = PSIManifold(dim)
-        original = weight.detach().clone()
+        """The reason ``name`` grouped along ``dim`` fails the numeric test, or None."""
+        reason = self._not_a_point(name, dim)
+        if reason is None:
+            change = self._rescaled_change({name: dim})
+            if change > self.invariance_rtol:
+                reason = f"rescaling its groups changes the output (relative change {change:.2g})"
+        return reason if reason is not None else self._no_effect(name, dim)
+
+    def _not_a_point(self, name: str, dim: int | None) -> str | None:
         try:
-            manifold.assert_check_point(original)
+            PSIManifold(dim).assert_check_point(self.parameters[name].detach())
         except ValueError as error:
             return f"not a point of the PSI manifold ({error})"
+        return None
+
+    def _rescaled_change(self, groupings: dict[str, int | None]) -> float:
+        """Relative output change when every group of ``groupings`` gets a random factor."""
         if self._baseline is None:
             self._baseline = self._outputs()
         generator = torch.Generator().manual_seed(_SEED)
-        groups = 1 if dim is None else weight.shape[dim]
-        exponents = 2 * torch.rand(groups, generator=generator, dtype=torch.float64) - 1
-        factors = (10.0 ** (_SCALE_DECADES * exponents)).to(weight)
-        shape = [1] * weight.dim()
-        if dim is not None:
-            shape[dim] = groups
+        originals = {name: self.parameters[name].detach().clone() for name in groupings}
         try:
             with torch.no_grad():
-                weight.mul_(factors.reshape(shape))
-            change = self._largest_change(self._baseline)
-            if change > self.invariance_rtol:
-                return f"rescaling its groups changes the output (relative change {change:.2g})"
+                for name, dim in groupings.items():
+                    weight = self.parameters[name]
+                    shape = [1] * weight.dim()
+                    if dim is not None:
+                        shape[dim] = weight.shape[dim]
+                    exponents = torch.rand(shape, generator=generator, dtype=torch.float64)
+                    weight.mul_((10.0 ** (_SCALE_DECADES * (2 * exponents - 1))).to(weight))
+            return self._largest_change(self._baseline)
+        finally:
             with torch.no_grad():
-                weight.copy_(original)
-                direction = torch.randn(weight.shape, generator=generator, dtype=torch.float64).to(
-                    weight
-                )
-                direction = manifold.proju(original, direction)
-                angle = manifold.norm(original, direction, keepdim=True)
+                for name, original in originals.items():
+                    self.parameters[name].copy_(original)
+
+    def _no_effect(self, name: str, dim: int | None) -> str | None:
+        """A reason if rotating every group by ``_ROTATION`` leaves the output as it was."""
+        if self._baseline is None:
+            self._baseline = self._outputs()
+        weight = self.parameters[name]
+        manifold = PSIManifold(dim)
+        original = weight.detach().clone()
+        generator = torch.Generator().manual_seed(_SEED + 2)
+        direction = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
+        direction = manifold.proju(original, direction.to(weight))
+        angle = manifold.norm(original, direction, keepdim=True)
+        try:
+            with torch.no_grad():
                 weight.copy_(manifold.expmap(original, direction * (_ROTATION / angle)))
             change = self._largest_change(self._baseline)
-            if not change > self.effect_rtol:
-                return f"it has no effect on the output (relative change {change:.2g})"
-            return None
         finally:
             with torch.no_grad():
                 weight.copy_(original)
+        if not change > self.effect_rtol:
+            return f"it has no effect on the output (relative change {change:.2g})"
+        return None
 
     # -- structural test
 

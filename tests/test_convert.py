@@ -11,7 +11,7 @@ from convert_models import MODELS, ResNet18, mixed, preact_resnet, resnet18
 from torch import nn
 
 import psi_geoopt
-from psi_geoopt import PSIManifold, find_scale_invariant, param_groups, to_psi
+from psi_geoopt import PSIManifold, convert, find_scale_invariant, param_groups, to_psi
 from psi_geoopt.optim import RiemannianSGD
 
 
@@ -62,6 +62,20 @@ def test_finds_exactly_the_hand_labelled_weights(name):
     model, inputs, truth = _build(name)
     found = find_scale_invariant(model, inputs)
     assert found == truth
+
+
+def test_weights_are_tested_one_by_one_where_the_joint_rescaling_fails(monkeypatch):
+    rescaled_change = convert._Probe._rescaled_change
+    calls = []
+
+    def joint_fails(self, groupings):
+        calls.append(len(groupings))
+        return float("inf") if len(groupings) > 1 else rescaled_change(self, groupings)
+
+    monkeypatch.setattr(convert._Probe, "_rescaled_change", joint_fails)
+    model, inputs, truth = _build("mixed")
+    assert find_scale_invariant(model, inputs) == truth
+    assert calls[0] > 1 and set(calls[1:]) == {1}
 
 
 def test_float32_and_eval_mode_models_are_probed_in_training_mode():
