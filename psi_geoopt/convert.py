@@ -762,7 +762,10 @@ class _Probe:
             if bad is not None:
                 states[node] = bad
                 continue
-            state = self._transfer(node, states, weight, weight_flow)
+            try:
+                state = self._transfer(node, states, weight, weight_flow)
+            except Exception as error:  # an argument this analysis cannot interpret
+                state = _Bad(f"cannot follow {node.op} {node.name!r} ({type(error).__name__})")
             if state is _NORMALIZED:
                 normalized = True
                 state = None
@@ -967,7 +970,6 @@ class _Probe:
                 d = int(type(module).__name__[-2])
                 axes = list(range(rank - d, rank))
             elif isinstance(module, nn.GroupNorm):
-                batch_statistics = True
                 return self._group_norm(flow, module.num_groups, where)
             else:
                 batch_statistics = True
