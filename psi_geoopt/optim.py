@@ -8,7 +8,13 @@ non-equivalent trajectories. :class:`RiemannianSGD` below is geoopt's optimizer 
 line changed (the buffer starts from the Riemannian gradient, as :class:`torch.optim.SGD`'s
 starts from the gradient), and it no longer writes weight decay into ``p.grad``.
 
-Two implementations of the same step live side by side, as in :mod:`torch.optim.sgd`:
+:class:`RiemannianAdam` is geoopt's :class:`geoopt.optim.RiemannianAdam` with one fix for
+checkpoints: :meth:`torch.optim.Adam.__setstate__`, which ``load_state_dict`` calls, turns
+geoopt's integer ``state["step"]`` into a float32 tensor, and the bias corrections
+:math:`1 - \beta^t` computed from it differ in the last bits from those of the uninterrupted
+run. Here the step stays an integer, so a resumed run is bit-identical.
+
+Two implementations of the same SGD step live side by side, as in :mod:`torch.optim.sgd`:
 :func:`_single_tensor_rsgd`, the reference loop calling the manifold's operations parameter by
 parameter, and :func:`_multi_tensor_rsgd`, the fast path (``foreach`` ops for the Euclidean
 parameters; for PSI parameters closed forms that need one read pass for five per-group sums
@@ -31,7 +37,7 @@ try:
 except ImportError:  # torch built without distributed support
     _DTensor = None
 
-__all__ = ["RiemannianSGD"]
+__all__ = ["RiemannianAdam", "RiemannianSGD"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -146,6 +152,42 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self.stabilize_group(group)
         return loss
+
+
+class RiemannianAdam(geoopt.optim.RiemannianAdam):
+    r"""geoopt's Riemannian Adam whose checkpoints resume bit-exactly.
+
+    Same constructor, hyper-parameters, step and state format as
+    :class:`geoopt.optim.RiemannianAdam` (``lr``, ``betas``, ``eps``, ``weight_decay``,
+    ``amsgrad``, ``stabilize``). On a :class:`~psi_geoopt.PSIManifold` parameter the second
+    moment is accumulated from :meth:`~psi_geoopt.PSIManifold.component_inner`, one value per
+    group:
+
+    .. math::
+
+        \begin{aligned}
+            g_t &= \operatorname{egrad2rgrad}_{x_t}(\nabla f(x_t) + \lambda x_t), \qquad
+            m_t = \beta_1 \mathcal{T}(m_{t-1}) + (1 - \beta_1) g_t, \\
+            v_t &= \beta_2 v_{t-1} + (1 - \beta_2) \|g_t\|_g^2, \qquad
+            x_{t+1} = \operatorname{retr}_{x_t}\Big(-\eta\,
+            \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}\Big),
+        \end{aligned}
+
+    with :math:`\|g_t\|_g^2` broadcast over the group. :math:`v_t` is invariant under a
+    rescaling of the group and :math:`m_t` scales with it, so the step of a group is an angle
+    that does not depend on the group's scale (:math:`\epsilon` included), and equivalent
+    starting points follow equivalent trajectories.
+
+    The only change: ``load_state_dict`` keeps ``state["step"]`` an ``int``
+    (:meth:`torch.optim.Adam.__setstate__` would make it a float32 tensor).
+    """
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for param_state in self.state.values():
+            step = param_state.get("step")
+            if torch.is_tensor(step):
+                param_state["step"] = int(step.item())
 
 
 def _manifold_of(point: torch.Tensor, default: geoopt.Manifold) -> geoopt.Manifold:
@@ -420,8 +462,22 @@ def _psi_coefficients(
     (``buffer`` is ``None``): :math:`s_{xx}, s_{xu}, s_{uu}`, then
     :math:`x_+ = \sqrt{s_{xx}/(s_{xx} + \eta^2\|g\|^2)}\,(x - \eta g)`.
 
-    Returns a ``(rows, 7)`` matrix with columns :math:`c_x, c_u, c_b, e_x, e_u, e_b` and
-    :math:`\|y\|^2 / s_{xx}`, where :math:`x_+ = c_x x + c_u u + c_b b` and
+    The new point is written as an increment of :math:`x`, rounded once, as in
+    :meth:`~psi_geoopt.PSIManifold.retr`: the radial factors are formed from their
+    differences to 1,
+
+    .. math::
+
+        \sqrt{\frac{s_{xx}}{\|y\|^2}} - 1 = \frac{-\eta^2 \|d\|^2}
+        {\|y\| (\|x\| + \|y\|)}, \qquad
+        \sqrt{\frac{\|y\|^2}{s_{xx}}} - 1 = \frac{\eta^2 \|d\|^2}
+        {\|x\| (\|x\| + \|y\|)},
+
+    because in float32 the factors themselves round to 1 once :math:`\eta\|d\|_g` is below
+    about :math:`3 \cdot 10^{-4}`, and the norm would then creep up step after step.
+
+    Returns a ``(rows, 7)`` matrix with columns :math:`c_x - 1, c_u, c_b, e_x, e_u, e_b` and
+    :math:`\sqrt{\|y\|^2 / s_{xx}} - 1`, where :math:`x_+ = c_x x + c_u u + c_b b` and
     :math:`b_+ = e_x x + e_u u + e_b b` (:math:`b` the buffer before the step; zeros at
     the first step, absent without momentum, and then :math:`c_b = e_b = 0`).
     """
@@ -429,9 +485,8 @@ def _psi_coefficients(
     gg = (xx * (xx * uu - xu * xu)).clamp_min(0)
     zero = torch.zeros_like(xx)
     if momentum == 0:  # d = g
-        yy = xx + lr * lr * gg
-        scale = (xx / yy).sqrt()
-        columns = [scale * (1 + lr * xu), -lr * scale * xx, zero, zero, zero, zero, yy / xx]
+        scale, shrink, growth = _radial_factors(xx, lr * lr * gg)
+        columns = [shrink + scale * lr * xu, -lr * scale * xx, zero, zero, zero, zero, growth]
         return torch.stack(columns, dim=1)
     # b' = keep_b b + keep_u u + keep_x x
     if first:  # b' = g
@@ -451,15 +506,34 @@ def _psi_coefficients(
     else:
         dir_b, dir_u, dir_x = keep_b, keep_u, keep_x
         dd = bd = bb_new
-    yy = xx + lr * lr * dd
-    scale = (xx / yy).sqrt()
-    kappa = lr * bd / yy
+    scale, shrink, growth = _radial_factors(xx, lr * lr * dd)
+    kappa = lr * bd / (xx + lr * lr * dd)
     # y = x - lr d; x_+ = scale y; b_+ = b' + kappa y
     y_x, y_u, y_b = 1 - lr * dir_x, -lr * dir_u, -lr * dir_b
-    columns = [scale * y_x, scale * y_u, zero, keep_x + kappa * y_x, keep_u + kappa * y_u, zero]
+    columns = [
+        shrink - scale * lr * dir_x,
+        scale * y_u,
+        zero,
+        keep_x + kappa * y_x,
+        keep_u + kappa * y_u,
+        zero,
+    ]
     if not first:
         columns[2], columns[5] = scale * y_b, keep_b + kappa * y_b
-    return torch.stack([*columns, yy / xx], dim=1)
+    return torch.stack([*columns, growth], dim=1)
+
+
+def _radial_factors(
+    xx: torch.Tensor, step: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""With :math:`s_{xx} = \|x\|^2` and ``step`` :math:`= \eta^2 \|d\|^2`, so that
+    :math:`\|y\|^2 = s_{xx} + \eta^2\|d\|^2`: the factor :math:`\sqrt{s_{xx}} / \|y\|` and
+    the differences :math:`\sqrt{s_{xx}} / \|y\| - 1` and :math:`\|y\| / \sqrt{s_{xx}} - 1`,
+    formed without cancellation."""
+    radius = xx.sqrt()
+    new_radius = (xx + step).sqrt()
+    total = radius + new_radius
+    return radius / new_radius, -step / (new_radius * total), step / (radius * total)
 
 
 def _psi_apply(
@@ -474,23 +548,23 @@ def _psi_apply(
     **_,
 ) -> None:
     """The in-place eager update of one tensor from its rows of :func:`_psi_coefficients`."""
-    x_coeff, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, growth = coefficients.T.unsqueeze(-1)
+    x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, growth = coefficients.T.unsqueeze(-1)
     if buffer is None:
-        x.mul_(x_coeff).addcmul_(grad, u_coeff)
+        x.add_(x.mul(x_shift).addcmul_(grad, u_coeff))
         return
     if not nesterov:
-        # d = b', so y = (|y|^2 / s_xx)(x - lr b_+): update the buffer first, then x from it
+        # d = b', so x_+ = (|y| / |x|)(x - lr b_+): update the buffer first, then x from it
         if not first:
             buffer.mul_(bb_coeff)
         buffer.addcmul_(grad, bu_coeff).addcmul_(x, bx_coeff)
-        x.sub_(buffer, alpha=lr).mul_(growth.sqrt())
+        x.addcmul_(x, growth).addcmul_(buffer, -lr * (1 + growth))
         return
-    new_x = x.mul(x_coeff).addcmul_(grad, u_coeff)
+    increment = x.mul(x_shift).addcmul_(grad, u_coeff)
     if not first:
-        new_x.addcmul_(buffer, b_coeff)
+        increment.addcmul_(buffer, b_coeff)
         buffer.mul_(bb_coeff)
     buffer.addcmul_(grad, bu_coeff).addcmul_(x, bx_coeff)
-    x.copy_(new_x)
+    x.add_(increment)
 
 
 def _psi_fused_step(
@@ -500,15 +574,15 @@ def _psi_fused_step(
     :func:`torch.compile` fuses into one reduction pass and one elementwise pass."""
     sums = _psi_sums(x, grad, None if first else buffer)
     coefficients = _psi_coefficients(sums, first=first, **hyper)
-    x_coeff, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, _ = coefficients.T.unsqueeze(-1)
-    new_x = x_coeff * x + u_coeff * grad
+    x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, _ = coefficients.T.unsqueeze(-1)
+    increment = x_shift * x + u_coeff * grad
     if buffer is not None:
         new_buffer = bx_coeff * x + bu_coeff * grad
         if not first:
-            new_x = new_x + b_coeff * buffer
+            increment = increment + b_coeff * buffer
             new_buffer = new_buffer + bb_coeff * buffer
         buffer.copy_(new_buffer)
-    x.copy_(new_x)
+    x.copy_(x + increment)
 
 
 _COMPILED: dict[str, Callable[..., None]] = {}
