@@ -1,7 +1,7 @@
 r"""Runs of PSI and Euclidean optimizers on a :class:`~.problems.Problem`, recorded step by step.
 
 The PSI algorithms are the package's own: :class:`psi_geoopt.optim.RiemannianSGD` (GD, SGD,
-momentum) and :class:`geoopt.optim.RiemannianAdam` on :class:`geoopt.ManifoldParameter` s with
+momentum) and :class:`psi_geoopt.optim.RiemannianAdam` on :class:`geoopt.ManifoldParameter` s with
 the problem's :class:`~psi_geoopt.PSIManifold` s. Euclidean GD is :class:`torch.optim.SGD` on
 the same tensors as plain parameters. At every iterate :math:`w_t` a run records the full loss
 :math:`f(w_t)` and :math:`\|\operatorname{grad} f(w_t)\|_g^2` (the full gradient, also for
@@ -17,7 +17,7 @@ import geoopt
 import numpy as np
 import torch
 
-from psi_geoopt.optim import RiemannianSGD
+from psi_geoopt.optim import RiemannianAdam, RiemannianSGD
 
 from .problems import Params, Problem
 
@@ -29,7 +29,7 @@ OPTIMIZERS: dict[str, tuple[bool, OptimizerFactory]] = {
     # name: (on the PSI manifold, factory(params, lr))
     "psi-gd": (True, lambda params, lr: RiemannianSGD(params, lr=lr)),
     "psi-momentum": (True, lambda params, lr: RiemannianSGD(params, lr=lr, momentum=0.9)),
-    "psi-adam": (True, lambda params, lr: geoopt.optim.RiemannianAdam(params, lr=lr)),
+    "psi-adam": (True, lambda params, lr: RiemannianAdam(params, lr=lr)),
     "euclidean-gd": (False, lambda params, lr: torch.optim.SGD(params, lr=lr)),
 }
 

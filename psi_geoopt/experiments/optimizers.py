@@ -9,7 +9,7 @@ name                 update                                                  wei
 ==================== ======================================================= ============ ======
 ``psi-sgd``          :class:`psi_geoopt.optim.RiemannianSGD` on PSI weights   none         0.3
 ``psi-sgd-momentum`` the same, momentum 0.9                                  5e-4 [#]_    0.03
-``psi-adam``         :class:`geoopt.optim.RiemannianAdam` on PSI weights      5e-4 [#]_    0.01
+``psi-adam``         :class:`psi_geoopt.optim.RiemannianAdam` on PSI weights  5e-4 [#]_    0.01
 ``sgd``              :class:`torch.optim.SGD`                                none         0.3
 ``sgd-momentum``     :class:`torch.optim.SGD`, momentum 0.9                  5e-4         0.03
 ``adamw``            :class:`torch.optim.AdamW`                              1e-2         3e-3
@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import psi_geoopt
-from psi_geoopt.optim import RiemannianSGD
+from psi_geoopt.optim import RiemannianAdam, RiemannianSGD
 
 __all__ = ["OPTIMIZERS", "OptimizerSpec", "build_optimizer"]
 
@@ -87,7 +87,7 @@ def _psi_sgd(momentum: float, weight_decay: float) -> Builder:
 def _psi_adam(model, scale_invariant, example_inputs, lr):
     _to_psi(model, scale_invariant, example_inputs)
     groups = psi_geoopt.param_groups(model, weight_decay=SGD_WEIGHT_DECAY)
-    return geoopt.optim.RiemannianAdam(groups, lr=lr)
+    return RiemannianAdam(groups, lr=lr)
 
 
 def _sgd(momentum: float, weight_decay: float) -> Builder:
