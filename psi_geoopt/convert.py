@@ -301,7 +301,9 @@ def to_psi(
 def param_groups(model: nn.Module, weight_decay: float = 0.0, **overrides) -> list[dict]:
     r"""Optimizer parameter groups for a model converted by :func:`to_psi`.
 
-    Every trainable parameter (``requires_grad``) appears exactly once: the PSI parameters
+    Every parameter appears exactly once (a shared one once, a frozen one too, so that
+    unfreezing it later needs no new optimizer; optimizers skip parameters without a
+    gradient): the PSI parameters
     (:class:`geoopt.ManifoldParameter` on :class:`~psi_geoopt.PSIManifold`) in one group with
     ``weight_decay=0`` (weight decay on a PSI group is radial, so the projection removes it
     anyway) and ``overrides`` on top, every other parameter in one group with
@@ -327,9 +329,9 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, **overrides) -> li
         raise ValueError(f"param_groups: `weight_decay` must be >= 0, got {weight_decay!r}")
     if "params" in overrides:
         raise ValueError("param_groups: `params` cannot be overridden")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    psi = [p for p in trainable if _is_psi(p)]
-    euclidean = [p for p in trainable if not _is_psi(p)]
+    parameters = list(model.parameters())
+    psi = [p for p in parameters if _is_psi(p)]
+    euclidean = [p for p in parameters if not _is_psi(p)]
     groups = []
     if euclidean:
         groups.append({"params": euclidean, "weight_decay": float(weight_decay)})
@@ -484,11 +486,11 @@ class _Probe:
                 self.precision_note = f"{type(error).__name__}: {error}".splitlines()[0]
                 try:
                     self.module(*self.inputs)
-                except Exception:
+                except Exception as own_error:  # the model's own error, not a float64 artefact
                     raise RuntimeError(
                         f"find_scale_invariant: the forward pass of {self.model_name} on "
-                        f"`example_inputs` failed ({type(error).__name__}: {error})"
-                    ) from error
+                        f"`example_inputs` failed ({type(own_error).__name__}: {own_error})"
+                    ) from own_error
             self.graph_module = self._trace()
         self.parameters = dict(self.module.named_parameters())
         for module in self.module.modules():
@@ -1016,8 +1018,10 @@ class _Probe:
         factor = flow.factor.amax(dim=axes, keepdim=True).expand(out_shape)
         offset = None
         if flow.offset is not None:
-            if padded_average or not _constant_along(flow.offset, axes):
-                return _Bad(f"the offset varies inside the pooling windows {where}")
+            if padded_average:
+                return _Bad(f"a shift is averaged with zero padding {where}")
+            if not _constant_along(flow.offset, axes):
+                return _Bad(f"the shift varies inside the pooling windows {where}")
             offset = flow.offset.amax(dim=axes, keepdim=True).expand(out_shape)
         return _Flow(factor, offset)
 

@@ -221,6 +221,21 @@ class Mixed(nn.Module):
         self.bn_chunk = bn(c // 2)
         self.viewed = nn.Conv2d(3, 2, 1, bias=False)  # ✓ view(size(0), -1), BN per feature
         self.bn_view = nn.BatchNorm1d(2 * 8 * 8)
+        self.modules_between = nn.Sequential(  # ✓ module forms between the weight and BN
+            nn.Conv2d(3, c, 3, padding=1, bias=False),
+            nn.LeakyReLU(0.2),
+            nn.MaxPool2d(2),
+            nn.Dropout2d(0.3),
+            bn(c),
+        )
+        self.bias_leaky = nn.Sequential(nn.Linear(6, 5), nn.LeakyReLU(0.2), nn.BatchNorm1d(5))  # ✗
+        self.clipped = nn.Sequential(nn.Conv2d(3, c, 1, bias=False), nn.ReLU6(), bn(c))  # ✗
+        self.padded_average = nn.Sequential(  # ✗ the bias is averaged with the zero padding
+            nn.Conv2d(3, c, 1), nn.AvgPool2d(3, 1, padding=1), bn(c)
+        )
+        self.frozen = nn.Conv2d(3, c, 1, bias=False)  # ✗ BN with running statistics
+        self.register_buffer("frozen_mean", torch.zeros(c))
+        self.register_buffer("frozen_var", torch.ones(c))
         self.head = nn.Linear(c, 2)  # ✗ classifier
 
     def forward(self, image, sequence, volume):
@@ -268,6 +283,11 @@ class Mixed(nn.Module):
             self.bn_chunk(first),
             self.bn_chunk(F.relu(second)),
             self.bn_view(viewed.view(viewed.size(0), -1)),
+            self.modules_between(x),
+            self.bias_leaky(features),
+            self.clipped(x),
+            self.padded_average(x),
+            F.batch_norm(self.frozen(x), self.frozen_mean, self.frozen_var, training=False),
         ]
         head = self.head(outputs[0].mean((2, 3)))
         return head, outputs
@@ -298,6 +318,7 @@ def mixed():
         "transposed1d.weight": 1,
         "chunked.weight": 0,
         "viewed.weight": 0,
+        "modules_between.0.weight": 0,
     }
     inputs = (_inputs(6, 3, 8, 8), _inputs(6, 2, 7, seed=1), _inputs(6, 1, 4, 4, 4, seed=2))
     return Mixed(), inputs, truth

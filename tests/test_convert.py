@@ -7,6 +7,7 @@ import copy
 import geoopt
 import pytest
 import torch
+import torch.nn.functional as F
 from convert_models import MODELS, ResNet18, mixed, preact_resnet, resnet18
 from torch import nn
 
@@ -42,16 +43,20 @@ def _snapshot(model: nn.Module):
         {k: v.clone() for k, v in model.state_dict().items()},
         [m.training for m in model.modules()],
         [type(p) for p in model.parameters()],
+        [p.requires_grad for p in model.parameters()],
     )
 
 
 def _assert_same_snapshot(before, after):
-    states, flags, types = before
+    states, flags, types, grad_flags = before
     assert flags == after[1]
     assert types == after[2]
+    assert grad_flags == after[3]
     assert states.keys() == after[0].keys()
     for key, value in states.items():
-        assert torch.equal(value, after[0][key]), key  # bitwise, dtypes included
+        # torch.equal ignores dtypes: compare them separately
+        assert value.dtype == after[0][key].dtype, key
+        assert torch.equal(value, after[0][key]), key
 
 
 # ------------------------------------------------------------------ hand-labelled truth
@@ -88,13 +93,16 @@ def test_probe_leaves_model_and_random_state_as_they_were():
     model, inputs, _ = _build("mixed")
     model.bn_a.eval()  # a mixture of flags must survive
     model.head.eval()
+    model.sync.weight.requires_grad_(False)
+    model(*inputs)  # running statistics and num_batches_tracked that are not the initial ones
     before = _snapshot(model)
+    assert before[0]["bn_c.num_batches_tracked"] == 1
     rng = torch.get_rng_state()
     find_scale_invariant(model, inputs)
     to_psi(model, inputs, names=["conv_bias_bn.weight"])  # probe again, convert one
     assert torch.equal(rng, torch.get_rng_state())
     after = _snapshot(model)
-    _assert_same_snapshot((before[0], before[1], after[2]), after)
+    _assert_same_snapshot((before[0], before[1], after[2], before[3]), after)
     assert before[2] != after[2]  # exactly one parameter changed class
     assert isinstance(model.conv_bias_bn.weight, geoopt.ManifoldParameter)
 
@@ -170,6 +178,34 @@ def test_model_that_only_runs_in_its_own_precision():
     assert found == {"linear.weight": 0}
 
 
+def test_normalization_eps_does_not_hide_invariance():
+    """Weights so small that the eps of BN dominates the variance are still found.
+
+    With ``eps`` kept, rescaling such a weight changes the output by O(1); the probe sets the eps
+    of normalization modules and of traced functional calls to 1e-30.
+    """
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.functional = nn.Conv2d(3, 4, 3, bias=False)
+            with torch.no_grad():
+                self.conv.weight.mul_(1e-5)
+                self.functional.weight.mul_(1e-5)
+
+        def forward(self, x):
+            y = F.batch_norm(self.functional(x), None, None, training=True, eps=1e-3)
+            return self.bn(self.conv(x)), y
+
+    model, inputs = Tiny(), torch.randn(6, 3, 6, 6)
+    probe = convert._Probe(model, inputs)
+    probe.module.bn.eps = 1e-5  # what the probe would see without its eps
+    assert probe._rescaled_change({"conv.weight": 0}) > 1e-2  # eps alone would say "no"
+    assert find_scale_invariant(model, inputs) == {"conv.weight": 0, "functional.weight": 0}
+
+
 def test_weight_with_no_effect_is_not_reported():
     model, inputs, truth = mixed()
     found = find_scale_invariant(model, inputs)
@@ -227,14 +263,23 @@ def test_state_dicts_load_both_ways_and_conversion_is_idempotent():
         assert torch.equal(plain.state_dict()[key], value)
     fresh = ResNet18()
     model.load_state_dict(fresh.state_dict())
-    assert isinstance(model.conv1.weight, geoopt.ManifoldParameter)
-    assert torch.equal(model.conv1.weight, fresh.conv1.weight)
+    assert all(p is converted[n] for n, p in model.named_parameters())  # loaded in place
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+    assert all(isinstance(converted[n], geoopt.ManifoldParameter) for n in truth)
 
 
 def test_to_deepcopy_and_shared_parameters_survive():
     model, inputs, truth = mixed()
     to_psi(model, inputs)
-    double = copy.deepcopy(model).to(torch.float64)
+    model.eval()  # deterministic (no dropout, running statistics)
+    twin = copy.deepcopy(model)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert type(q) is type(p) and q.data_ptr() != p.data_ptr(), name
+        if name in truth:
+            assert q.manifold.dim == truth[name] and q.manifold is not p.manifold
+    torch.testing.assert_close(twin(*inputs), model(*inputs), rtol=0, atol=0)
+    double = twin.to(torch.float64)
     for name, p in double.named_parameters():
         assert p.dtype == torch.float64
         if name in truth:
@@ -300,11 +345,12 @@ def test_forced_non_invariant_weight_raises_and_converts_nothing():
 def test_param_groups_cover_every_parameter_once():
     model, inputs, truth = resnet18()
     to_psi(model, inputs)
-    model.fc.bias.requires_grad_(False)
+    model.fc.bias.requires_grad_(False)  # frozen: still covered (it may be unfrozen later)
+    model.layer1[0].conv1.weight.requires_grad_(False)
     groups = param_groups(model, weight_decay=5e-4, lr=0.5)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))
-    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(ids) == {id(p) for p in model.parameters()}
     euclidean, psi = groups
     assert euclidean == {"params": euclidean["params"], "weight_decay": 5e-4}
     assert psi["weight_decay"] == 0.0 and psi["lr"] == 0.5
@@ -367,6 +413,26 @@ def test_bad_example_inputs():
         find_scale_invariant(model, [inputs])
     with pytest.raises(RuntimeError, match="forward pass of Sequential on `example_inputs` failed"):
         find_scale_invariant(model, torch.randn(4, 5))
+    with pytest.raises(RuntimeError, match="forward pass of Sequential") as error:
+        to_psi(model, torch.randn(4, 5))
+    assert isinstance(error.value.__cause__, RuntimeError)  # the original error is chained
+    assert not any(isinstance(p, geoopt.ManifoldParameter) for p in model.parameters())
+
+
+def test_failing_forward_reports_the_models_own_error():
+    """Not the float64 copy's dtype clash: the error the model gives on the inputs as they are."""
+
+    class Float32InsideAndBroken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 4, bias=False)
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return (self.bn(self.linear(x)) @ torch.eye(4)).view(-1, 7)
+
+    with pytest.raises(RuntimeError, match=r"failed \(RuntimeError: shape '\[-1, 7\]' is invalid"):
+        find_scale_invariant(Float32InsideAndBroken(), torch.randn(5, 3))
 
 
 def test_unknown_name():
