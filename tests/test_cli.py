@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from psi_geoopt import cli
-from psi_geoopt.experiments import compare, demo
+from psi_geoopt.experiments import compare, demo, optimizers
 
 RUN_FIELDS = {
     "model", "dataset", "optimizer", "lr", "init_scale", "seed", "final_train_loss",
@@ -70,6 +70,8 @@ def test_demo_writes_results_and_is_deterministic(tmp_path, capsys):
     for run in runs:
         assert RUN_FIELDS <= run.keys()
         assert len(run["loss_curve"]) == 2
+    factors = {name: c.tolist() for name, c in demo.channel_factors(3, 64).items()}
+    assert [r["init_scale"] for r in runs] == [1.0, factors, 1.0, factors]
     assert (first / "loss_curves.png").stat().st_size > 1000
     assert _main(["demo", "--out", str(second), "--steps", "20", "--seed", "3"]) == 0
     assert _without_timing(_runs(second)) == _without_timing(runs)
@@ -161,6 +163,23 @@ def test_compare_updates_only_its_markdown_section(tmp_path):
     image = "digits-comparison-heatmap-mlp-bn-digits.png"
     assert f"]({image})" in text and (markdown.parent / image).exists()
     assert "--update-markdown" in text  # the regenerating command
+
+
+def test_compare_without_the_adamp_package(tmp_path, monkeypatch, capsys):
+    """Asked for by name: an error before training; in the default list: left out, with a note."""
+    monkeypatch.setattr(optimizers, "is_installed", lambda package: package != "adamp")
+    execute = compare.execute
+    monkeypatch.setattr(compare, "execute", lambda spec: pytest.fail("training started"))
+    assert _main(["compare", "--optimizers", "sgd", "sgdp", "--out", str(tmp_path / "a")]) == 2
+    assert "sgdp need(s) the package(s) adamp (pip install adamp)" in capsys.readouterr().err
+    monkeypatch.setattr(compare, "execute", execute)
+    grid = ["--lr-factors", "1", "--init-scales", "1", "--seeds", "1", "--steps", "2"]
+    assert _main(["compare", *grid, "--out", str(tmp_path / "b")]) == 0
+    assert "leaving out sgdp, adamp" in capsys.readouterr().err
+    used = [run["optimizer"] for run in _runs(tmp_path / "b")]
+    assert used == [name for name in optimizers.OPTIMIZERS if name not in ("sgdp", "adamp")]
+    with pytest.raises(ImportError, match="pip install adamp"):
+        optimizers.build_optimizer("adamp", None, {}, None, 0.1)
 
 
 # -------------------------------------------------------------------------------- bad input

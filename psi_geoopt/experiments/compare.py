@@ -55,7 +55,7 @@ from .commandline import (
 )
 from .data import DATASETS, load_dataset
 from .models import MODELS
-from .optimizers import OPTIMIZERS
+from .optimizers import OPTIMIZERS, is_installed, missing_packages
 from .plots import Curve, Heatmap, plot_heatmaps, plot_loss_curves
 from .training import train_from_scratch
 
@@ -133,7 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=OPTIMIZERS,
         metavar="NAME",
-        help=f"optimizers to compare, from: {', '.join(OPTIMIZERS)} (default: all)",
+        help=f"optimizers to compare, from: {', '.join(OPTIMIZERS)} (default: all; sgdp and "
+        "adamp need the package adamp)",
     )
     parser.add_argument(
         "--models",
@@ -281,6 +282,21 @@ def _load_runs(path: Path) -> list[dict]:
     return content["runs"]
 
 
+def _check_optional_packages(args: argparse.Namespace, grid: dict) -> str | None:
+    """An error if an optimizer asked for by name needs a package that is not installed; the
+    preset's optimizers that need one are dropped from ``grid`` with a note instead."""
+    missing = missing_packages(grid["optimizers"])
+    if not missing:
+        return None
+    packages = " ".join(sorted(set(missing.values())))
+    needs = f"{', '.join(missing)} need(s) the package(s) {packages} (pip install {packages})"
+    if args.optimizers is not None:
+        return f"optimizer(s) {needs}"
+    grid["optimizers"] = [name for name in grid["optimizers"] if name not in missing]
+    print(f"psi-geoopt compare: note: leaving out {needs}", file=sys.stderr)
+    return None
+
+
 def _check_markdown_target(path: Path) -> str | None:
     target = path if path.exists() else path.parent
     if not target.exists() or not os.access(target, os.W_OK):
@@ -291,7 +307,9 @@ def _check_markdown_target(path: Path) -> str | None:
 def run(args: argparse.Namespace) -> int:
     grid = _resolve(args)
     results_path = args.out / "results.json"
-    error = check_output_directory(args.out)
+    error = _check_optional_packages(args, grid)
+    if error is None:
+        error = check_output_directory(args.out)
     if error is None and args.update_markdown is not None:
         error = _check_markdown_target(args.update_markdown)
     if error is None and results_path.exists() and not args.resume:
@@ -421,11 +439,11 @@ def _machine() -> str:
     if cpuinfo.exists():
         names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
         cpu = names[0].strip() if names else cpu
+    adamp = f"adamp {version('adamp')}" if is_installed("adamp") else "adamp not installed"
     return (
         f"{cpu}, {os.cpu_count()} logical cores visible, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} thread(s), geoopt {version('geoopt')}, "
-        f"adamp {version('adamp')}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}"
+        f"{torch.get_num_threads()} thread(s), geoopt {version('geoopt')}, {adamp}, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
     )
 
 

@@ -41,7 +41,8 @@ SGD's, rather than a per-coordinate step as in Adam; hence its larger reference 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import geoopt
@@ -52,7 +53,7 @@ from torch.nn.utils import parametrize
 import psi_geoopt
 from psi_geoopt.optim import RiemannianAdam, RiemannianSGD
 
-__all__ = ["OPTIMIZERS", "OptimizerSpec", "build_optimizer"]
+__all__ = ["OPTIMIZERS", "OptimizerSpec", "build_optimizer", "is_installed", "missing_packages"]
 
 SGD_WEIGHT_DECAY = 5e-4
 ADAM_WEIGHT_DECAY = 1e-2
@@ -64,11 +65,13 @@ Builder = Callable[[nn.Module, ScaleInvariant, torch.Tensor, float], torch.optim
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """One comparable optimizer: its name, how to build it and its reference learning rate."""
+    """One comparable optimizer: its name, how to build it, its reference learning rate and the
+    optional package it needs (``None``: only the package's own dependencies)."""
 
     name: str
     build: Builder
     reference_lr: float
+    requires: str | None = None
 
 
 def _to_psi(model: nn.Module, scale_invariant: ScaleInvariant, example_inputs: torch.Tensor):
@@ -177,11 +180,25 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec("sgd", _sgd(0.0, 0.0), 0.3),
         OptimizerSpec("sgd-momentum", _sgd(MOMENTUM, SGD_WEIGHT_DECAY), 0.03),
         OptimizerSpec("adamw", _adamw, 3e-3),
-        OptimizerSpec("sgdp", _sgdp, 0.03),
-        OptimizerSpec("adamp", _adamp, 3e-3),
+        OptimizerSpec("sgdp", _sgdp, 0.03, requires="adamp"),
+        OptimizerSpec("adamp", _adamp, 3e-3, requires="adamp"),
         OptimizerSpec("sphere", _sphere, 0.03),
     )
 }
+
+
+def is_installed(package: str) -> bool:
+    """Whether ``package`` can be imported."""
+    return importlib.util.find_spec(package) is not None
+
+
+def missing_packages(names: Iterable[str]) -> dict[str, str]:
+    """The optimizers among ``names`` whose optional package is not installed → that package."""
+    return {
+        name: OPTIMIZERS[name].requires
+        for name in names
+        if OPTIMIZERS[name].requires is not None and not is_installed(OPTIMIZERS[name].requires)
+    }
 
 
 def build_optimizer(
@@ -200,4 +217,9 @@ def build_optimizer(
         raise ValueError(f"unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}")
     if not lr > 0:
         raise ValueError(f"`lr` must be positive, got {lr!r}")
+    missing = missing_packages([name])
+    if missing:
+        raise ImportError(
+            f"optimizer {name!r} needs the package {missing[name]!r}: pip install {missing[name]}"
+        )
     return OPTIMIZERS[name].build(model, scale_invariant, example_inputs, lr)

@@ -18,13 +18,14 @@ __all__ = ["Curve", "Heatmap", "plot_heatmaps", "plot_loss_curves"]
 @dataclass(frozen=True)
 class Curve:
     """One loss curve: ``losses[i]`` is the mean loss over steps ``(i * log_every, (i+1) *
-    log_every]``; ``linestyle`` tells apart runs of the same ``color``."""
+    log_every]``; ``linestyle`` and ``linewidth`` tell apart runs drawn on top of each other."""
 
     label: str
     losses: Sequence[float]
     log_every: int
     color: str | None = None
     linestyle: str = "-"
+    linewidth: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,12 @@ def plot_loss_curves(
     for curve in curves:
         steps = curve.log_every * np.arange(1, len(curve.losses) + 1)
         axes.plot(
-            steps, curve.losses, label=curve.label, color=curve.color, linestyle=curve.linestyle
+            steps,
+            curve.losses,
+            label=curve.label,
+            color=curve.color,
+            linestyle=curve.linestyle,
+            linewidth=curve.linewidth,
         )
     if target_loss is not None:
         axes.axhline(target_loss, color="gray", linestyle=":", linewidth=1, label="target loss")
