@@ -211,6 +211,18 @@ def test_bad_arguments_are_rejected_by_the_parser(argv, message, capsys):
 
 
 @pytest.mark.parametrize("command", ["demo", "compare"])
+def test_batch_size_larger_than_the_training_set_fails_before_training(
+    command, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(compare, "execute", lambda spec: pytest.fail("training started"))
+    monkeypatch.setattr(demo, "train_from_scratch", lambda *a, **k: pytest.fail("training"))
+    assert _main([command, "--out", str(tmp_path / "out"), "--batch-size", "1348"]) == 2
+    message = "--batch-size 1348 exceeds the 1347 training samples of 'digits'"
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "compare"])
 def test_unwritable_output_directory_fails_before_training(command, tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from .commandline import (
     add_common_arguments,
+    check_batch_size,
     check_output_directory,
     positive_float,
     positive_int,
@@ -307,7 +308,9 @@ def _check_markdown_target(path: Path) -> str | None:
 def run(args: argparse.Namespace) -> int:
     grid = _resolve(args)
     results_path = args.out / "results.json"
-    error = _check_optional_packages(args, grid)
+    error = _check_optional_packages(args, grid) or check_batch_size(
+        args.batch_size, grid["datasets"]
+    )
     if error is None:
         error = check_output_directory(args.out)
     if error is None and args.update_markdown is not None:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from .commandline import (
     add_common_arguments,
+    check_batch_size,
     check_output_directory,
     format_table,
     non_negative_int,
@@ -152,7 +153,7 @@ def _number(value: float | int | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    error = check_output_directory(args.out)
+    error = check_batch_size(args.batch_size, [DATASET]) or check_output_directory(args.out)
     if error:
         print(f"psi-geoopt demo: error: {error}", file=sys.stderr)
         return 2
