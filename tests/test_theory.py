@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 
 import pytest
@@ -105,6 +106,55 @@ def test_quick_bounds_are_the_stated_formulas(quick_run):
             assert check["max_step_curvature"] <= check["L"]
         if check["name"].startswith("sgd-rate/"):
             assert check["bound"] > check["L"] * check["eta"] * check["sigma_sq"] > 0
+
+
+def test_quick_descent_reports_both_sides_of_the_worst_step(quick_run):
+    _, report, _ = quick_run
+    for check in report["checks"]:
+        if check["name"].startswith("gd-descent/"):
+            after, guaranteed = check["worst_step_sides"].values()
+            assert check["observed"] == pytest.approx(guaranteed - after, abs=1e-15)
+            assert after <= guaranteed - check["bound"]
+
+
+def test_quick_comparison_records_the_scaling_facts(quick_run):
+    _, report, _ = quick_run
+    (comparison,) = [c for c in report["checks"] if c["name"].startswith("euclidean-comparison/")]
+    equal, tuned = comparison["iterations_equal_eta"], comparison["iterations_tuned_eta"]
+    assert len({equal[f"psi-gd@{start}"] for start in ("0.1", "1", "10", "mixed")}) == 1
+    assert comparison["euclidean_count_depends_on_start"]
+    assert comparison["euclidean_tuned_scale_free"]
+    assert comparison["tuned_iteration_ratio"]["1"] == pytest.approx(
+        tuned["euclidean-gd@1"] / tuned["psi-gd"]
+    )
+    grid = comparison["eta_grid_factors"]
+    assert max(b / a for a, b in itertools.pairwise(grid)) <= 2**0.5 * (1 + 1e-12)
+
+
+def _comparison(problem: str, equal: str, tuned: str) -> dict:
+    starts = ("0.1", "1", "10", "mixed")
+    return {
+        "name": f"euclidean-comparison/{problem}",
+        "problem": problem,
+        "faster": {
+            "equal_eta": dict.fromkeys(starts, equal),
+            "tuned_eta": dict.fromkeys(starts, tuned),
+        },
+        "iterations_tuned_eta": {"psi-gd": 10, "euclidean-gd@1": 20},
+    }
+
+
+def test_bottom_line_says_who_is_faster():
+    assert verify.bottom_line([{"name": "gd-rate/x"}]) == []
+    mixed = "\n".join(
+        verify.bottom_line([_comparison("a", "psi", "psi"), _comparison("b", "psi", "euclidean")])
+    )
+    assert "PSI GD faster in 8, Euclidean GD in 0" in mixed
+    assert "reproduces in 2 of 4 cases only (on a)" in mixed
+    lost = "\n".join(verify.bottom_line([_comparison("b", "psi", "euclidean")]))
+    assert "does not reproduce against tuned Euclidean GD" in lost
+    won = "\n".join(verify.bottom_line([_comparison("a", "psi", "psi")]))
+    assert "PSI GD was faster in every case" in won
 
 
 def test_failures_flags_failed_checks_and_silent_controls():

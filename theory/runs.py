@@ -104,14 +104,13 @@ def run(
     keep_points: bool = False,
     keep_euclidean_grads: bool = False,
     track_variance: bool = False,
-    variance_every: int = 1,
 ) -> Trajectory:
     r"""``steps`` iterations of ``optimizer`` (a key of :data:`OPTIMIZERS`) with learning
     rate ``lr`` from ``initial``; ``batches[t]`` is the batch of step ``t`` (``None``: full).
 
-    With ``track_variance``, the exact minibatch variance is computed at every
-    ``variance_every``-th iterate. Stops early once :math:`\|\operatorname{grad}
-    f(w_t)\|_g \le` ``stop_grad_norm`` or when the loss stops being finite (``diverged``).
+    With ``track_variance``, the exact minibatch variance is computed at every iterate.
+    Stops early once :math:`\|\operatorname{grad} f(w_t)\|_g \le` ``stop_grad_norm`` or
+    when the loss stops being finite (``diverged``).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown `optimizer` {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
@@ -142,7 +141,7 @@ def run(
             trajectory.points.append([p.clone() for p in point])
         if keep_euclidean_grads:
             trajectory.euclidean_grads.append([g.clone() for g in egrad])
-        if track_variance and t % variance_every == 0:
+        if track_variance:
             variances.append(minibatch_variance(problem, point, egrad, per_batch))
         if not np.isfinite(value) or not np.isfinite(grad_sq[-1]):
             trajectory.diverged = True
