@@ -8,7 +8,9 @@ over rounds:
   weights on ``PSIManifold(dim=0)``, BatchNorm and classifier parameters Euclidean; fixed
   random gradients): ``torch.optim.SGD(foreach=True)``, geoopt's ``RiemannianSGD`` (its
   per-parameter loop), ``psi_geoopt.optim.RiemannianSGD`` with ``foreach=False`` (the
-  reference loop), the fast path, and the fast path through ``torch.compile``;
+  reference loop), the fast path run eagerly (``compile=False``) and compiled
+  (``compile=True``; the default ``compile=None`` compiles groups of at least
+  ``AUTO_COMPILE_NUMEL`` PSI elements, such as these);
 - the whole training step (forward, backward, step) of the demo ConvNet (``convnet-bn``) on
   a batch of 8x8 digit-sized images, with each optimizer.
 
@@ -89,7 +91,7 @@ def contenders(compile: bool) -> list[Contender]:
         Contender("torch SGD foreach", lambda p: torch.optim.SGD(p, foreach=True, **hyper), False),
         Contender("geoopt RiemannianSGD", lambda p: geoopt.optim.RiemannianSGD(p, **hyper), True),
         Contender("PSI reference loop", lambda p: RiemannianSGD(p, foreach=False, **hyper), True),
-        Contender("PSI fast path", lambda p: RiemannianSGD(p, **hyper), True),
+        Contender("PSI fast path eager", lambda p: RiemannianSGD(p, compile=False, **hyper), True),
     ]
     if compile:
         entries.append(

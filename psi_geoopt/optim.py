@@ -39,6 +39,9 @@ except ImportError:  # torch built without distributed support
 
 __all__ = ["RiemannianAdam", "RiemannianSGD"]
 
+AUTO_COMPILE_NUMEL = 2**20
+"""Size (elements of fused PSI parameters in one group) from which ``compile=None`` compiles."""
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -81,10 +84,15 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
         ``DTensor`` parameters, and setting ``p.manifold`` again afterwards keeps them on PSI;
         sharded along axis 0, each group lives on one rank and the fast path updates the
         local rows without communication.
-    compile : bool
-        run the fused PSI pass through :func:`torch.compile` (one dynamic-shape graph; the
-        first step compiles it, which takes tens of seconds on a CPU). Falls back to eager,
-        with a warning, where compilation fails. Default ``False``.
+    compile : bool or None
+        run the fused PSI pass of all PSI tensors of a group through :func:`torch.compile`:
+        one graph per parameter group, specialised to its shapes, in which the per-group
+        sums and the update of every tensor are fused (and, where inductor supports it,
+        independent tensors share kernels). Compilation happens at the second step and
+        takes tens of seconds; where it fails, the step runs eagerly, with a warning.
+        ``None`` (default): compile the groups whose fused PSI parameters hold at least
+        :data:`AUTO_COMPILE_NUMEL` elements together, where the compiled step pays off
+        (``benchmarks/RESULTS.md``); ``True``: every group; ``False``: never.
     """
 
     def __init__(
@@ -98,7 +106,7 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
         stabilize=None,
         *,
         foreach: bool | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
     ):
         super().__init__(
             params,
@@ -111,15 +119,15 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
         )
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"RiemannianSGD: `foreach` must be a bool or None, got {foreach!r}")
-        if not isinstance(compile, bool):
-            raise TypeError(f"RiemannianSGD: `compile` must be a bool, got {compile!r}")
+        if compile is not None and not isinstance(compile, bool):
+            raise TypeError(f"RiemannianSGD: `compile` must be a bool or None, got {compile!r}")
         self.foreach = foreach
         self.compile = compile
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("foreach", None)
-        self.__dict__.setdefault("compile", False)
+        self.__dict__.setdefault("compile", None)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -283,7 +291,7 @@ def _multi_tensor_rsgd(
     dampening: float,
     nesterov: bool,
     lr: float,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> None:
     """The fast step: the same update as :func:`_single_tensor_rsgd`.
 
@@ -306,7 +314,9 @@ def _multi_tensor_rsgd(
         _single_tensor_rsgd(other, state, default_manifold, nesterov=nesterov, **hyper)
     if euclidean:
         _foreach_euclidean_sgd(euclidean, state, nesterov=nesterov, **hyper)
-    tasks = []
+    if compile is None:
+        compile = sum(point.numel() for point, _ in psi) >= AUTO_COMPILE_NUMEL
+    tasks, compiled = [], []
     for point, group_size in psi:
         buffer = state[point].get("momentum_buffer") if momentum != 0 else None
         first = momentum != 0 and buffer is None
@@ -315,19 +325,18 @@ def _multi_tensor_rsgd(
         elif buffer is not None and not _local(buffer).is_contiguous():
             _single_tensor_rsgd([point], state, default_manifold, nesterov=nesterov, **hyper)
             continue
+        if compile and not first and not _is_dtensor(point):
+            compiled.append((point, buffer, group_size))
+            continue
         x = _rows(point.data, group_size)
         if x.shape[0] == 0:  # a rank that holds no group of this parameter
             continue
         buffer = None if buffer is None else _rows(buffer, group_size)
         tasks.append((x, _rows(point.grad, group_size), buffer, first))
-    _psi_sgd(
-        tasks,
-        lr=lr,
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        compile=compile,
-    )
+    psi_hyper = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
+    _psi_sgd(tasks, **psi_hyper)
+    if compiled:
+        _compiled_psi_sgd(compiled, **psi_hyper)
 
 
 def _foreach_euclidean_sgd(
@@ -362,39 +371,34 @@ def _foreach_euclidean_sgd(
 
 
 def _psi_sgd(
-    tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]],
-    *,
-    compile: bool,
-    **hyper,
+    tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]], **hyper
 ) -> None:
-    """The PSI step on ``(x, grad, buffer, first)`` row views (``buffer`` ``None`` without
-    momentum), float16/bfloat16 computed in float32.
+    """The eager PSI step on ``(x, grad, buffer, first)`` row views (``buffer`` ``None``
+    without momentum), float16/bfloat16 computed in float32.
 
-    Eager: the per-group sums of all tensors of one device, dtype and ``first`` flag are
+    The per-group sums of all tensors of one device, dtype and ``first`` flag are
     concatenated, so that the per-group scalar algebra of :func:`_psi_coefficients` runs once
-    for all of them; then one in-place update per tensor (:func:`_psi_apply`). Compiled: one
-    fused call per tensor (:func:`_psi_fused_step`).
+    for all of them; then one in-place update per tensor (:func:`_psi_apply`).
     """
     batches: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
     for x, grad, buffer, first in tasks:
-        dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        dtype = _compute_dtype(x)
         batches.setdefault((x.device, dtype, first), []).append((x, grad, buffer))
     for (_, dtype, first), batch in batches.items():
         work = [tuple(None if t is None else t.to(dtype) for t in views) for views in batch]
-        if compile and not first:
-            step = _compiled_psi_step()
-            for x, grad, buffer in work:
-                step(x, grad, buffer, first=first, **hyper)
-        else:
-            sums = torch.cat([_psi_sums(x, grad, None if first else b) for x, grad, b in work])
-            coefficients = _psi_coefficients(sums, first=first, **hyper)
-            pieces = coefficients.split([x.shape[0] for x, _, _ in work])
-            for (x, grad, buffer), piece in zip(work, pieces, strict=True):
-                _psi_apply(x, grad, buffer, piece, first=first, **hyper)
+        sums = torch.cat([_psi_sums(x, grad, None if first else b) for x, grad, b in work])
+        coefficients = _psi_coefficients(sums, first=first, **hyper)
+        pieces = coefficients.split([x.shape[0] for x, _, _ in work])
+        for (x, grad, buffer), piece in zip(work, pieces, strict=True):
+            _psi_apply(x, grad, buffer, piece, first=first, **hyper)
         for original, computed in zip(batch, work, strict=True):
             for target, source in zip(original, computed, strict=True):
                 if target is not None and source is not target:
                     target.copy_(source)
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.float32 if tensor.dtype in _LOW_PRECISION else tensor.dtype
 
 
 def _psi_sums(x: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
@@ -568,38 +572,81 @@ def _psi_apply(
 
 
 def _psi_fused_step(
-    x: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None, *, first: bool, **hyper
+    x: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None, **hyper
 ) -> None:
-    """One tensor's step written as pure expressions and two copies, the form that
-    :func:`torch.compile` fuses into one reduction pass and one elementwise pass."""
-    sums = _psi_sums(x, grad, None if first else buffer)
-    coefficients = _psi_coefficients(sums, first=first, **hyper)
+    """One tensor's step (not a buffer's first) on ``(groups, group_size)`` views, written as
+    pure expressions and two copies: the form that :func:`torch.compile` fuses into one
+    reduction pass and one elementwise pass. float16/bfloat16 are computed in float32."""
+    dtype = _compute_dtype(x)
+    point, grad = x.to(dtype), grad.to(dtype)
+    momentum = None if buffer is None else buffer.to(dtype)
+    sums = _psi_sums(point, grad, momentum)
+    coefficients = _psi_coefficients(sums, first=False, **hyper)
     x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, _ = coefficients.T.unsqueeze(-1)
-    increment = x_shift * x + u_coeff * grad
+    increment = x_shift * point + u_coeff * grad
     if buffer is not None:
-        new_buffer = bx_coeff * x + bu_coeff * grad
-        if not first:
-            increment = increment + b_coeff * buffer
-            new_buffer = new_buffer + bb_coeff * buffer
-        buffer.copy_(new_buffer)
-    x.copy_(x + increment)
+        increment = increment + b_coeff * momentum
+        buffer.copy_(bx_coeff * point + bu_coeff * grad + bb_coeff * momentum)
+    x.copy_(point + increment)
+
+
+def _psi_fused_steps(
+    xs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor | None],
+    group_sizes: list[int],
+    **hyper,
+) -> None:
+    """:func:`_psi_fused_step` for every tensor of a parameter group: one call, so that
+    :func:`torch.compile` makes one graph of the whole step and the per-call overhead
+    (guards, kernel launches) is paid once per step rather than once per tensor."""
+    for x, grad, buffer, size in zip(xs, grads, buffers, group_sizes, strict=True):
+        rows = None if buffer is None else buffer.view(-1, size)
+        _psi_fused_step(x.view(-1, size), grad.reshape(-1, size), rows, **hyper)
+
+
+def _compiled_psi_sgd(
+    entries: list[tuple[torch.Tensor, torch.Tensor | None, int]], *, lr: float, **hyper
+) -> None:
+    """The PSI step of ``(parameter, buffer, group_size)`` entries (not a buffer's first step,
+    contiguous, not sharded) through :func:`_compiled_psi_steps`, one call per device.
+
+    The learning rate is passed as a tensor, a graph input, so that a scheduler changing it
+    causes no recompilation.
+    """
+    by_device: dict[torch.device, list] = {}
+    for entry in entries:
+        by_device.setdefault(entry[0].device, []).append(entry)
+    for device, batch in by_device.items():
+        step_size = torch.tensor(lr, dtype=torch.float64, device=device)
+        _compiled_psi_steps()(
+            [point.detach() for point, _, _ in batch],
+            [point.grad for point, _, _ in batch],
+            [buffer for _, buffer, _ in batch],
+            [size for _, _, size in batch],
+            lr=step_size,
+            **hyper,
+        )
 
 
 _COMPILED: dict[str, Callable[..., None]] = {}
 
 
-def _compiled_psi_step() -> Callable[..., None]:
-    """:func:`_psi_fused_step` through :func:`torch.compile`; eager where compilation fails.
+def _compiled_psi_steps() -> Callable[..., None]:
+    """:func:`_psi_fused_steps` through :func:`torch.compile`; eager where compilation fails.
 
-    Used for every step but a buffer's first, which runs eagerly: it happens once, and the
-    C++ code generation of torch 2.13 fails on that variant of the graph.
+    The graph is specialised to the shapes of the parameter group (a model's parameters keep
+    theirs). A buffer's first step runs eagerly: it happens once, and the C++ code generation
+    of torch 2.13 fails on that variant of the graph.
     """
-    if "step" not in _COMPILED:
-        compiled = torch.compile(_psi_fused_step, dynamic=True)
+    if "steps" not in _COMPILED:
+        # combo kernels (horizontal fusion across tensors) where this inductor has them
+        options = {"combo_kernels": True} if _inductor_has("combo_kernels") else None
+        compiled = torch.compile(_psi_fused_steps, dynamic=False, options=options)
 
-        def step(*args, **kwargs) -> None:
+        def steps(*args, **kwargs) -> None:
             if _COMPILED.get("failed"):
-                return _psi_fused_step(*args, **kwargs)
+                return _psi_fused_steps(*args, **kwargs)
             try:
                 return compiled(*args, **kwargs)
             except Exception as error:  # a missing compiler or an unsupported backend
@@ -609,8 +656,16 @@ def _compiled_psi_step() -> Callable[..., None]:
                     RuntimeWarning,
                     stacklevel=4,
                 )
-                _COMPILED["failed"] = step
-                return _psi_fused_step(*args, **kwargs)
+                _COMPILED["failed"] = steps
+                return _psi_fused_steps(*args, **kwargs)
 
-        _COMPILED["step"] = step
-    return _COMPILED["step"]
+        _COMPILED["steps"] = steps
+    return _COMPILED["steps"]
+
+
+def _inductor_has(option: str) -> bool:
+    try:
+        from torch._inductor import config
+    except ImportError:
+        return False
+    return hasattr(config, option)
