@@ -619,7 +619,7 @@ def _compiled_psi_sgd(
         by_device.setdefault(entry[0].device, []).append(entry)
     for device, batch in by_device.items():
         step_size = torch.tensor(lr, dtype=torch.float64, device=device)
-        _compiled_psi_steps()(
+        _compiled_psi_steps(device.type)(
             [point.detach() for point, _, _ in batch],
             [point.grad for point, _, _ in batch],
             [buffer for _, buffer, _ in batch],
@@ -632,16 +632,20 @@ def _compiled_psi_sgd(
 _COMPILED: dict[str, Callable[..., None]] = {}
 
 
-def _compiled_psi_steps() -> Callable[..., None]:
-    """:func:`_psi_fused_steps` through :func:`torch.compile`; eager where compilation fails.
+def _compiled_psi_steps(device_type: str) -> Callable[..., None]:
+    """:func:`_psi_fused_steps` through :func:`torch.compile` for one device type; eager
+    where compilation fails.
 
     The graph is specialised to the shapes of the parameter group (a model's parameters keep
-    theirs). A buffer's first step runs eagerly: it happens once, and the C++ code generation
-    of torch 2.13 fails on that variant of the graph.
+    theirs). On GPUs, inductor's combo kernels (horizontal fusion of the tensors' kernels,
+    where this version has them) cut the number of kernel launches; on CPUs they make the
+    step slower (``benchmarks/RESULTS.md``) and are left out. A buffer's first step runs
+    eagerly: it happens once, and the C++ code generation of torch 2.13 fails on that
+    variant of the graph.
     """
-    if "steps" not in _COMPILED:
-        # combo kernels (horizontal fusion across tensors) where this inductor has them
-        options = {"combo_kernels": True} if _inductor_has("combo_kernels") else None
+    if device_type not in _COMPILED:
+        combo = device_type != "cpu" and _inductor_has("combo_kernels")
+        options = {"combo_kernels": True} if combo else None
         compiled = torch.compile(_psi_fused_steps, dynamic=False, options=options)
 
         def steps(*args, **kwargs) -> None:
@@ -659,8 +663,8 @@ def _compiled_psi_steps() -> Callable[..., None]:
                 _COMPILED["failed"] = steps
                 return _psi_fused_steps(*args, **kwargs)
 
-        _COMPILED["steps"] = steps
-    return _COMPILED["steps"]
+        _COMPILED[device_type] = steps
+    return _COMPILED[device_type]
 
 
 def _inductor_has(option: str) -> bool:
