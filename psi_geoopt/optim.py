@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from types import ModuleType
 
 import geoopt
+import numpy
 import torch
 from geoopt import ManifoldParameter, ManifoldTensor
 
@@ -385,9 +387,14 @@ def _psi_sgd(
         dtype = _compute_dtype(x)
         batches.setdefault((x.device, dtype, first), []).append((x, grad, buffer))
     for (_, dtype, first), batch in batches.items():
-        work = [tuple(None if t is None else t.to(dtype) for t in views) for views in batch]
+        work = [tuple(_in_dtype(t, dtype) for t in views) for views in batch]
         sums = torch.cat([_psi_sums(x, grad, None if first else b) for x, grad, b in work])
-        coefficients = _psi_coefficients(sums, first=first, **hyper)
+        if sums.device.type == "cpu":
+            coefficients = torch.from_numpy(
+                _psi_coefficients(sums.numpy(), xp=numpy, first=first, **hyper)
+            )
+        else:  # NumPy would need a copy to the host and a synchronization
+            coefficients = _psi_coefficients(sums, first=first, **hyper)
         pieces = coefficients.split([x.shape[0] for x, _, _ in work])
         for (x, grad, buffer), piece in zip(work, pieces, strict=True):
             _psi_apply(x, grad, buffer, piece, first=first, **hyper)
@@ -395,6 +402,10 @@ def _psi_sgd(
             for target, source in zip(original, computed, strict=True):
                 if target is not None and source is not target:
                     target.copy_(source)
+
+
+def _in_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -417,6 +428,7 @@ def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
 def _psi_coefficients(
     sums: torch.Tensor,
     *,
+    xp: ModuleType = torch,
     lr: float,
     momentum: float,
     dampening: float,
@@ -484,14 +496,19 @@ def _psi_coefficients(
     :math:`\sqrt{\|y\|^2 / s_{xx}} - 1`, where :math:`x_+ = c_x x + c_u u + c_b b` and
     :math:`b_+ = e_x x + e_u u + e_b b` (:math:`b` the buffer before the step; zeros at
     the first step, absent without momentum, and then :math:`c_b = e_b = 0`).
+
+    ``sums`` is a tensor with ``xp=torch`` or a NumPy array with ``xp=numpy``: the algebra is
+    a few dozen operations on vectors of one entry per group, and NumPy's per-operation
+    overhead is a fraction of PyTorch's (on CPU, for small models, this algebra would
+    otherwise cost as much as the whole SGD step).
     """
     xx, xu, uu = sums[:, 0], sums[:, 1], sums[:, 2]
-    gg = (xx * (xx * uu - xu * xu)).clamp_min(0)
-    zero = torch.zeros_like(xx)
+    gg = xp.clip(xx * (xx * uu - xu * xu), 0, None)
+    zero = xp.zeros_like(xx)
     if momentum == 0:  # d = g
-        scale, shrink, growth = _radial_factors(xx, lr * lr * gg)
+        scale, shrink, growth = _radial_factors(xx, lr * lr * gg, xp)
         columns = [shrink + scale * lr * xu, -lr * scale * xx, zero, zero, zero, zero, growth]
-        return torch.stack(columns, dim=1)
+        return xp.stack(columns, axis=1)
     # b' = keep_b b + keep_u u + keep_x x
     if first:  # b' = g
         keep_b, keep_u, keep_x = 0.0, xx, -xu
@@ -510,7 +527,7 @@ def _psi_coefficients(
     else:
         dir_b, dir_u, dir_x = keep_b, keep_u, keep_x
         dd = bd = bb_new
-    scale, shrink, growth = _radial_factors(xx, lr * lr * dd)
+    scale, shrink, growth = _radial_factors(xx, lr * lr * dd, xp)
     kappa = lr * bd / (xx + lr * lr * dd)
     # y = x - lr d; x_+ = scale y; b_+ = b' + kappa y
     y_x, y_u, y_b = 1 - lr * dir_x, -lr * dir_u, -lr * dir_b
@@ -524,18 +541,18 @@ def _psi_coefficients(
     ]
     if not first:
         columns[2], columns[5] = scale * y_b, keep_b + kappa * y_b
-    return torch.stack([*columns, growth], dim=1)
+    return xp.stack([*columns, growth], axis=1)
 
 
 def _radial_factors(
-    xx: torch.Tensor, step: torch.Tensor
+    xx: torch.Tensor, step: torch.Tensor, xp: ModuleType
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""With :math:`s_{xx} = \|x\|^2` and ``step`` :math:`= \eta^2 \|d\|^2`, so that
     :math:`\|y\|^2 = s_{xx} + \eta^2\|d\|^2`: the factor :math:`\sqrt{s_{xx}} / \|y\|` and
     the differences :math:`\sqrt{s_{xx}} / \|y\| - 1` and :math:`\|y\| / \sqrt{s_{xx}} - 1`,
     formed without cancellation."""
-    radius = xx.sqrt()
-    new_radius = (xx + step).sqrt()
+    radius = xp.sqrt(xx)
+    new_radius = xp.sqrt(xx + step)
     total = radius + new_radius
     return radius / new_radius, -step / (new_radius * total), step / (radius * total)
 
@@ -552,7 +569,9 @@ def _psi_apply(
     **_,
 ) -> None:
     """The in-place eager update of one tensor from its rows of :func:`_psi_coefficients`."""
-    x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, growth = coefficients.T.unsqueeze(-1)
+    x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, growth = coefficients.T.unsqueeze(
+        -1
+    ).unbind()
     if buffer is None:
         x.add_(x.mul(x_shift).addcmul_(grad, u_coeff))
         return
@@ -582,7 +601,9 @@ def _psi_fused_step(
     momentum = None if buffer is None else buffer.to(dtype)
     sums = _psi_sums(point, grad, momentum)
     coefficients = _psi_coefficients(sums, first=False, **hyper)
-    x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, _ = coefficients.T.unsqueeze(-1)
+    x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, _ = coefficients.T.unsqueeze(
+        -1
+    ).unbind()
     increment = x_shift * point + u_coeff * grad
     if buffer is not None:
         increment = increment + b_coeff * momentum
