@@ -17,8 +17,9 @@ run. Here the step stays an integer, so a resumed run is bit-identical.
 Two implementations of the same SGD step live side by side, as in :mod:`torch.optim.sgd`:
 :func:`_single_tensor_rsgd`, the reference loop calling the manifold's operations parameter by
 parameter, and :func:`_multi_tensor_rsgd`, the fast path (``foreach`` ops for the Euclidean
-parameters; for PSI parameters closed forms that need one read pass for five per-group sums
-and one read-write pass, derived in :func:`_psi_coefficients`).
+parameters; for PSI parameters closed forms derived in :func:`_psi_coefficients`: five
+per-group sums and one update per tensor, run eagerly or, for large groups, compiled by
+:func:`torch.compile` into one read pass and one read-write pass).
 """
 
 from __future__ import annotations
