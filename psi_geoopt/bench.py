@@ -11,10 +11,13 @@ over rounds:
   reference loop), the fast path run eagerly (``compile=False``) and compiled
   (``compile=True``; the default ``compile=None`` compiles groups of at least
   ``AUTO_COMPILE_NUMEL`` PSI elements, such as these);
+- the Adam step on the same shapes: ``torch.optim.Adam(foreach=True)``, geoopt's
+  ``RiemannianAdam`` and ``psi_geoopt.optim.RiemannianAdam`` (its fast path);
 - the whole training step (forward, backward, step) of the demo ConvNet (``convnet-bn``) on
-  a batch of 8x8 digit-sized images, with each optimizer.
+  a batch of 8x8 digit-sized images, with each SGD variant.
 
-Momentum 0.9 everywhere. Ratios are to ``torch.optim.SGD``.
+Momentum 0.9 for SGD, learning rate 1e-3 for Adam. Ratios are to the first optimizer of each
+table (``torch.optim.SGD``, ``torch.optim.Adam``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch import nn
 from .convert import to_psi
 from .experiments.models import build_model
 from .manifold import PSIManifold
-from .optim import RiemannianSGD
+from .optim import RiemannianAdam, RiemannianSGD
 
 MOMENTUM = 0.9
 LEARNING_RATE = 0.01
@@ -151,21 +154,32 @@ def _summary(samples: dict[str, list[float]], baseline: str) -> dict[str, dict[s
         summary[label] = {
             "median_ms": 1e3 * median,
             "iqr_ms": 1e3 * (quartiles[2] - quartiles[0]),
-            "ratio_to_sgd": median / reference,
+            "ratio": median / reference,
         }
     return summary
 
 
-def bench_steps(model: str, rounds: int, compile: bool, device: str) -> dict:
-    """Optimizer step time on the parameter shapes of ``model``."""
+def adam_contenders() -> list[Contender]:
+    return [
+        Contender(
+            "torch Adam foreach", lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True), False
+        ),
+        Contender("geoopt RiemannianAdam", lambda p: geoopt.optim.RiemannianAdam(p, lr=1e-3), True),
+        Contender("PSI RiemannianAdam fast", lambda p: RiemannianAdam(p, lr=1e-3), True),
+    ]
+
+
+def bench_steps(model: str, rounds: int, entries: list[Contender], device: str) -> dict:
+    """Optimizer step time on the parameter shapes of ``model``, as ratios to the first of
+    ``entries``."""
     shapes = MODELS[model]
     actions = {}
-    for contender in contenders(compile):
+    for contender in entries:
         optimizer = contender.build(_parameters(shapes, contender.psi, device))
         optimizer.step()  # momentum buffers, compilation
         optimizer.step()
         actions[contender.label] = optimizer.step
-    summary = _summary(interleaved(actions, rounds, device), "torch SGD foreach")
+    summary = _summary(interleaved(actions, rounds, device), entries[0].label)
     numel = sum(math.prod(s) for s in shapes[0] + shapes[1])
     return {"parameters": numel, "psi_tensors": len(shapes[0]), "results": summary}
 
@@ -224,13 +238,11 @@ def machine(device: str) -> dict[str, object]:
 
 
 def _print_table(title: str, summary: dict[str, dict[str, float]]) -> None:
-    print(f"\n{title}")
-    print(f"  {'optimizer':<26} {'median ms':>10} {'IQR ms':>8} {'x SGD':>7}")
+    baseline = next(iter(summary))
+    print(f"\n{title}, ratios to {baseline}")
+    print(f"  {'optimizer':<26} {'median ms':>10} {'IQR ms':>8} {'ratio':>7}")
     for label, row in summary.items():
-        print(
-            f"  {label:<26} {row['median_ms']:>10.2f} {row['iqr_ms']:>8.2f} "
-            f"{row['ratio_to_sgd']:>7.2f}"
-        )
+        print(f"  {label:<26} {row['median_ms']:>10.2f} {row['iqr_ms']:>8.2f} {row['ratio']:>7.2f}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -264,15 +276,16 @@ def run(args: argparse.Namespace) -> int:
     info = machine(device)
     print("machine: " + ", ".join(f"{key}={value}" for key, value in info.items()))
     print(f"momentum {MOMENTUM}, lr {LEARNING_RATE}, {rounds} interleaved rounds, median")
-    results: dict[str, object] = {"machine": info, "rounds": rounds, "steps": {}}
+    results: dict[str, object] = {"machine": info, "rounds": rounds, "steps": {}, "adam": {}}
     for model in ("resnet18",) if args.quick else tuple(MODELS):
-        entry = bench_steps(model, rounds, compile, device)
-        results["steps"][model] = entry
-        _print_table(
-            f"optimizer step, {model} shapes ({entry['parameters']:,} parameters, "
-            f"{entry['psi_tensors']} PSI tensors)",
-            entry["results"],
-        )
+        for key, entries in (("steps", contenders(compile)), ("adam", adam_contenders())):
+            entry = bench_steps(model, rounds, entries, device)
+            results[key][model] = entry
+            _print_table(
+                f"optimizer step, {model} shapes ({entry['parameters']:,} parameters, "
+                f"{entry['psi_tensors']} PSI tensors)",
+                entry["results"],
+            )
     batch_size = 64
     training = bench_training(batch_size, rounds * 4, compile, device)
     results["training_step"] = training

@@ -189,8 +189,18 @@ class RiemannianAdam(geoopt.optim.RiemannianAdam):
     that does not depend on the group's scale (:math:`\epsilon` included), and equivalent
     starting points follow equivalent trajectories.
 
-    The only change: ``load_state_dict`` keeps ``state["step"]`` an ``int``
-    (:meth:`torch.optim.Adam.__setstate__` would make it a float32 tensor).
+    Two changes. ``load_state_dict`` keeps ``state["step"]`` an ``int``
+    (:meth:`torch.optim.Adam.__setstate__` would make it a float32 tensor). And a fast path,
+    for contiguous :class:`~psi_geoopt.PSIManifold` parameters grouped along axis 0 (the
+    group option ``foreach``, as in :class:`torch.optim.Adam`: ``None`` or ``True`` takes
+    it, ``False`` runs geoopt's per-parameter loop for every parameter): the same closed
+    forms as :class:`RiemannianSGD`'s with momentum :math:`\beta_1`, dampening
+    :math:`\beta_1` and one learning rate per group,
+    :math:`\eta / ((1 - \beta_1^t)(\sqrt{v_t / (1 - \beta_2^t)} + \epsilon))`, from five
+    per-group sums, the per-group algebra batched across tensors. The state keeps geoopt's
+    format (``exp_avg_sq`` holds :math:`v_t` broadcast over each group). Other parameters go
+    through geoopt's loop, which also adds the weight decay into their ``p.grad``; the fast
+    path leaves ``p.grad`` untouched.
     """
 
     def __setstate__(self, state):
@@ -199,6 +209,66 @@ class RiemannianAdam(geoopt.optim.RiemannianAdam):
             step = param_state.get("step")
             if torch.is_tensor(step):
                 param_state["step"] = int(step.item())
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            fused = [self._fused_parameters(group) for group in self.param_groups]
+            groups = self.param_groups
+            self.param_groups = [
+                {**group, "params": [p for p in group["params"] if id(p) not in taken]}
+                for group, taken in zip(groups, ({id(p) for p, _ in f} for f in fused), strict=True)
+            ]
+            try:  # geoopt's loop for the other parameters
+                super().step()
+            finally:
+                self.param_groups = groups
+            for group, entries in zip(groups, fused, strict=True):
+                if entries:
+                    self._fused_step(group, entries)
+        return loss
+
+    def _fused_parameters(self, group: dict) -> list[tuple[torch.Tensor, int]]:
+        """``(parameter, group_size)`` of the parameters of ``group`` that take the fast path."""
+        if group["foreach"] is False:
+            return []
+        entries = []
+        for point in group["params"]:
+            if point.grad is None or point.grad.is_sparse or _is_dtensor(point):
+                continue
+            group_size = _fused_group_size(point, _manifold_of(point, self._default_manifold))
+            state = self.state[point]
+            moments = [state[key] for key in _ADAM_MOMENTS if key in state]
+            if group_size is not None and all(m.is_contiguous() for m in moments):
+                entries.append((point, group_size))
+        return entries
+
+    def _fused_step(self, group: dict, entries: list[tuple[torch.Tensor, int]]) -> None:
+        stabilize = group["stabilize"]
+        due = False
+        for point, _ in entries:
+            state = self.state[point]
+            if not state:
+                state["step"] = 0
+                for key in _ADAM_MOMENTS[: 3 if group["amsgrad"] else 2]:
+                    state[key] = torch.zeros_like(point)
+            state["step"] += 1
+            due = due or (stabilize is not None and state["step"] % stabilize == 0)
+        _psi_adam(
+            [(point, size, self.state[point]) for point, size in entries],
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            amsgrad=group["amsgrad"],
+        )
+        if due:
+            self.stabilize_group({"params": [point for point, _ in entries]})
+
+
+_ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def _manifold_of(point: torch.Tensor, default: geoopt.Manifold) -> geoopt.Manifold:
@@ -405,6 +475,67 @@ def _psi_sgd(
                     target.copy_(source)
 
 
+def _psi_adam(
+    entries: list[tuple[torch.Tensor, int, dict]],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    amsgrad: bool,
+) -> None:
+    r"""The Adam step of ``(parameter, group_size, state)`` entries, ``state["step"]``
+    already counted.
+
+    Per group, :math:`v_t = \beta_2 v_{t-1} + (1 - \beta_2)(s_{xx} s_{uu} - s_{xu}^2)`
+    (that is :math:`\|g\|_g^2`), and the update is :func:`_psi_coefficients`' with
+    momentum and dampening :math:`\beta_1` and the learning rate of the group
+    :math:`\eta / ((1 - \beta_1^t)(\sqrt{\hat v_t / (1 - \beta_2^t)} + \epsilon))`,
+    :math:`\hat v_t` the running maximum of :math:`v_t` with ``amsgrad``, else :math:`v_t`.
+    Tensors are batched by device, compute dtype and step count.
+    """
+    beta1, beta2 = betas
+    moments = _ADAM_MOMENTS[: 3 if amsgrad else 2]
+    batches: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+    for point, size, state in entries:
+        x = _rows(point.data, size)
+        views = (x, _rows(point.grad, size), *(_rows(state[key], size) for key in moments))
+        batches.setdefault((x.device, _compute_dtype(x), state["step"]), []).append(views)
+    for (_, dtype, step), batch in batches.items():
+        work = [tuple(_in_dtype(t, dtype) for t in views) for views in batch]
+        sums = torch.cat([_psi_sums(x, grad, exp_avg) for x, grad, exp_avg, *_ in work])
+        second = torch.cat([views[3][:, 0] for views in work])
+        peak = torch.cat([views[4][:, 0] for views in work]) if amsgrad else None
+        on_cpu = sums.device.type == "cpu"
+        xp = numpy if on_cpu else torch
+        if on_cpu:
+            sums, second = sums.numpy(), second.numpy()
+            peak = None if peak is None else peak.numpy()
+        xx, xu, uu = sums[:, 0], sums[:, 1], sums[:, 2]
+        second = beta2 * second + (1 - beta2) * xp.clip(xx * uu - xu * xu, 0, None)
+        if peak is not None:
+            peak = xp.maximum(peak, second)
+        denominator = xp.sqrt((second if peak is None else peak) / (1 - beta2**step)) + eps
+        step_sizes = lr / ((1 - beta1**step) * denominator)
+        coefficients = _psi_coefficients(
+            sums, xp=xp, lr=step_sizes, momentum=beta1, dampening=beta1, nesterov=False, first=False
+        )
+        per_group = xp.stack([second] if peak is None else [second, peak], axis=1)
+        if on_cpu:
+            coefficients, per_group = torch.from_numpy(coefficients), torch.from_numpy(per_group)
+        rows = [views[0].shape[0] for views in work]
+        for views, piece, moment in zip(
+            work, coefficients.split(rows), per_group.split(rows), strict=True
+        ):
+            x, grad, exp_avg = views[:3]
+            _psi_apply(x, grad, exp_avg, piece, nesterov=False, first=False)
+            for target, value in zip(views[3:], moment.T, strict=True):
+                target.copy_(value.unsqueeze(1).expand_as(target))
+        for original, computed in zip(batch, work, strict=True):
+            for target, source in zip(original, computed, strict=True):
+                if source is not target:
+                    target.copy_(source)
+
+
 def _in_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
@@ -493,10 +624,13 @@ def _psi_coefficients(
     because in float32 the factors themselves round to 1 once :math:`\eta\|d\|_g` is below
     about :math:`3 \cdot 10^{-4}`, and the norm would then creep up step after step.
 
-    Returns a ``(rows, 7)`` matrix with columns :math:`c_x - 1, c_u, c_b, e_x, e_u, e_b` and
-    :math:`\sqrt{\|y\|^2 / s_{xx}} - 1`, where :math:`x_+ = c_x x + c_u u + c_b b` and
-    :math:`b_+ = e_x x + e_u u + e_b b` (:math:`b` the buffer before the step; zeros at
-    the first step, absent without momentum, and then :math:`c_b = e_b = 0`).
+    Returns a ``(rows, 8)`` matrix with columns :math:`c_x - 1, c_u, c_b, e_x, e_u, e_b`,
+    :math:`\gamma - 1` and :math:`-\eta\gamma`, :math:`\gamma = \sqrt{\|y\|^2 / s_{xx}}`,
+    where :math:`x_+ = c_x x + c_u u + c_b b` and :math:`b_+ = e_x x + e_u u + e_b b`
+    (:math:`b` the buffer before the step; zeros at the first step, absent without momentum,
+    and then :math:`c_b = e_b = 0`), and without Nesterov :math:`x_+ = x + (\gamma - 1) x
+    - \eta\gamma\, b_+`. ``lr`` may be a vector, one learning rate per group
+    (:class:`RiemannianAdam`'s adaptive step).
 
     ``sums`` is a tensor with ``xp=torch`` or a NumPy array with ``xp=numpy``: the algebra is
     a few dozen operations on vectors of one entry per group, and NumPy's per-operation
@@ -508,8 +642,8 @@ def _psi_coefficients(
     zero = xp.zeros_like(xx)
     if momentum == 0:  # d = g
         scale, shrink, growth = _radial_factors(xx, lr * lr * gg, xp)
-        columns = [shrink + scale * lr * xu, -lr * scale * xx, zero, zero, zero, zero, growth]
-        return xp.stack(columns, axis=1)
+        columns = [shrink + scale * lr * xu, -lr * scale * xx, zero, zero, zero, zero]
+        return xp.stack([*columns, growth, zero], axis=1)
     # b' = keep_b b + keep_u u + keep_x x
     if first:  # b' = g
         keep_b, keep_u, keep_x = 0.0, xx, -xu
@@ -542,7 +676,7 @@ def _psi_coefficients(
     ]
     if not first:
         columns[2], columns[5] = scale * y_b, keep_b + kappa * y_b
-    return xp.stack([*columns, growth], axis=1)
+    return xp.stack([*columns, growth, -lr * (1 + growth)], axis=1)
 
 
 def _radial_factors(
@@ -564,15 +698,14 @@ def _psi_apply(
     buffer: torch.Tensor | None,
     coefficients: torch.Tensor,
     *,
-    lr: float,
     nesterov: bool,
     first: bool,
     **_,
 ) -> None:
     """The in-place eager update of one tensor from its rows of :func:`_psi_coefficients`."""
-    x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, growth = coefficients.T.unsqueeze(
-        -1
-    ).unbind()
+    x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, growth, b_after = (
+        coefficients.T.unsqueeze(-1).unbind()
+    )
     if buffer is None:
         x.add_(x.mul(x_shift).addcmul_(grad, u_coeff))
         return
@@ -581,7 +714,7 @@ def _psi_apply(
         if not first:
             buffer.mul_(bb_coeff)
         buffer.addcmul_(grad, bu_coeff).addcmul_(x, bx_coeff)
-        x.addcmul_(x, growth).addcmul_(buffer, -lr * (1 + growth))
+        x.addcmul_(x, growth).addcmul_(buffer, b_after)
         return
     increment = x.mul(x_shift).addcmul_(grad, u_coeff)
     if not first:
@@ -602,7 +735,7 @@ def _psi_fused_step(
     momentum = None if buffer is None else buffer.to(dtype)
     sums = _psi_sums(point, grad, momentum)
     coefficients = _psi_coefficients(sums, first=False, **hyper)
-    x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, _ = coefficients.T.unsqueeze(
+    x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, _, _ = coefficients.T.unsqueeze(
         -1
     ).unbind()
     increment = x_shift * point + u_coeff * grad

@@ -231,3 +231,17 @@ def test_unwritable_output_directory_fails_before_training(command, tmp_path, mo
     assert _main([command, "--out", str(blocker / "out")]) == 2
     captured = capsys.readouterr()
     assert "not writable" in captured.out + captured.err
+
+
+def test_bench_quick_writes_ratios(tmp_path):
+    """One round of ``psi-geoopt bench --quick``: every table has its baseline at ratio 1."""
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--rounds", "1", "--json", str(path)]) == 0
+    results = json.loads(path.read_text())
+    tables = [results["steps"]["resnet18"], results["adam"]["resnet18"], results["training_step"]]
+    for table in tables:
+        rows = list(table["results"].values())
+        assert rows[0]["ratio"] == 1.0
+        assert all(row["median_ms"] > 0 for row in rows)
+    assert "PSI fast path eager" in results["steps"]["resnet18"]["results"]
+    assert "PSI RiemannianAdam fast" in results["adam"]["resnet18"]["results"]

@@ -17,7 +17,7 @@ from torch import nn
 
 import psi_geoopt.optim as psi_optim
 from psi_geoopt import PSIManifold
-from psi_geoopt.optim import RiemannianSGD
+from psi_geoopt.optim import RiemannianAdam, RiemannianSGD
 
 STEPS = 25
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -225,6 +225,92 @@ def test_compiled_path_follows_reference_without_recompiling(dtype):
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
     assert_same_trajectory(fast, reference, fast_params, reference_params, TOLERANCE[dtype])
+
+
+ADAM_CONFIGS = [
+    dict(),
+    dict(amsgrad=True),
+    dict(weight_decay=1e-2, stabilize=3),
+    dict(betas=(0.5, 0.9), eps=1e-3),
+]
+
+
+def run_adam(params, steps: int = STEPS, **options) -> RiemannianAdam:
+    optimizer = RiemannianAdam(params, lr=0.05, **options)
+    for step in range(steps):
+        set_gradients(params, step)
+        optimizer.step()
+    return optimizer
+
+
+def assert_same_adam_state(fast, reference, fast_params, reference_params, rtol):
+    for index, (a, b) in enumerate(zip(fast_params, reference_params, strict=True)):
+        assert relative_error(a, b) <= rtol, (index, relative_error(a, b))
+        state_a, state_b = fast.state.get(a, {}), reference.state.get(b, {})
+        assert state_a.keys() == state_b.keys(), index
+        for key in state_b:
+            if key == "step":
+                assert state_a[key] == state_b[key] and isinstance(state_a[key], int)
+            else:
+                assert relative_error(state_a[key], state_b[key]) <= rtol, (index, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "config", ADAM_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default"
+)
+def test_adam_fast_path_follows_geoopt_loop(dtype, config):
+    """``foreach=False`` runs geoopt's loop for every parameter; the default takes the fast
+    path for the PSI parameters grouped along axis 0 and geoopt's loop for the others."""
+    fast_params, reference_params = make_params(dtype), make_params(dtype)
+    fast = run_adam(fast_params, **config)
+    reference = run_adam(reference_params, foreach=False, **config)
+    assert_same_adam_state(fast, reference, fast_params, reference_params, TOLERANCE[dtype])
+    assert relative_error(fast_params[0], make_params(dtype)[0]) > 0.1
+    assert not fast.state.get(fast_params[-1])  # geoopt's stabilize leaves an empty entry
+
+
+def test_adam_fast_path_bfloat16_close_to_geoopt_loop():
+    fast_params, reference_params = make_params(torch.bfloat16), make_params(torch.bfloat16)
+    fast = run_adam(fast_params, steps=10, amsgrad=True)
+    run_adam(reference_params, steps=10, amsgrad=True, foreach=False)
+    for a, b in zip(fast_params, reference_params, strict=True):
+        assert a.dtype == torch.bfloat16
+        assert relative_error(a, b) <= TOLERANCE[torch.bfloat16]
+    assert fast.state[fast_params[0]]["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_adam_fast_path_keeps_one_second_moment_per_group_and_the_gradient():
+    params = make_params(torch.float64)
+    optimizer = RiemannianAdam(params, lr=0.05, weight_decay=1e-2)
+    for step in range(3):
+        set_gradients(params, step)
+        grad = params[0].grad.clone()
+        optimizer.step()
+        assert torch.equal(params[0].grad, grad)
+    second = optimizer.state[params[0]]["exp_avg_sq"].flatten(1)
+    assert torch.equal(second, second[:, :1].expand_as(second))
+
+
+def test_adam_resumes_across_paths():
+    """A checkpoint of the fast path continues under geoopt's loop, and back."""
+    config = dict(amsgrad=True, weight_decay=1e-3)
+    uninterrupted_params = make_params(torch.float64)
+    run_adam(uninterrupted_params, steps=10, **config)
+    for first, second in ((None, False), (False, None)):
+        params = make_params(torch.float64)
+        saved = copy.deepcopy(run_adam(params, steps=5, foreach=first, **config).state_dict())
+        resumed_params = make_params(torch.float64)
+        with torch.no_grad():
+            for target, source in zip(resumed_params, params, strict=True):
+                target.copy_(source)
+        resumed = RiemannianAdam(resumed_params, lr=0.05, foreach=second, **config)
+        resumed.load_state_dict(saved)
+        for step in range(5, 10):
+            set_gradients(resumed_params, step)
+            resumed.step()
+        for a, b in zip(resumed_params, uninterrupted_params, strict=True):
+            assert relative_error(a, b) <= 1e-12
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
