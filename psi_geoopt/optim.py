@@ -12,7 +12,8 @@ starts from the gradient), and it no longer writes weight decay into ``p.grad``.
 checkpoints: :meth:`torch.optim.Adam.__setstate__`, which ``load_state_dict`` calls, turns
 geoopt's integer ``state["step"]`` into a float32 tensor, and the bias corrections
 :math:`1 - \beta^t` computed from it differ in the last bits from those of the uninterrupted
-run. Here the step stays an integer, so a resumed run is bit-identical.
+run. Here the step stays an integer, so a resumed run is bit-identical. It also has a fast
+path for PSI parameters (:func:`_psi_adam`), built on the same closed forms.
 
 Two implementations of the same SGD step live side by side, as in :mod:`torch.optim.sgd`:
 :func:`_single_tensor_rsgd`, the reference loop calling the manifold's operations parameter by
