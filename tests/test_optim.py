@@ -313,6 +313,23 @@ def test_adam_resumes_across_paths():
             assert relative_error(a, b) <= 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scalar_algebra_in_torch_matches_reference(monkeypatch, dtype):
+    """Off the CPU the per-group algebra runs in PyTorch instead of NumPy: that branch, run
+    here on CPU tensors, follows the reference loop too (SGD with Nesterov, Adam with
+    amsgrad)."""
+    monkeypatch.setattr(psi_optim, "_algebra_module", lambda tensor: torch)
+    fast_params, reference_params = make_params(dtype), make_params(dtype)
+    config = dict(momentum=0.9, nesterov=True, weight_decay=1e-3)
+    fast = run(fast_params, **config)
+    reference = run(reference_params, foreach=False, **config)
+    assert_same_trajectory(fast, reference, fast_params, reference_params, TOLERANCE[dtype])
+    fast_params, reference_params = make_params(dtype), make_params(dtype)
+    fast = run_adam(fast_params, amsgrad=True)
+    reference = run_adam(reference_params, amsgrad=True, foreach=False)
+    assert_same_adam_state(fast, reference, fast_params, reference_params, TOLERANCE[dtype])
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     def broken_compile(function, **kwargs):
         def compiled(*args, **kwargs):
