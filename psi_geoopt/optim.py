@@ -25,6 +25,7 @@ per-group sums and one update per tensor, run eagerly or, for large groups, comp
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from types import ModuleType
@@ -223,8 +224,8 @@ class RiemannianAdam(geoopt.optim.RiemannianAdam):
                 {**group, "params": [p for p in group["params"] if id(p) not in taken]}
                 for group, taken in zip(groups, ({id(p) for p, _ in f} for f in fused), strict=True)
             ]
-            try:  # geoopt's loop for the other parameters
-                super().step()
+            try:  # geoopt's loop for the other parameters, without the step hooks (run once)
+                inspect.unwrap(geoopt.optim.RiemannianAdam.step)(self)
             finally:
                 self.param_groups = groups
             for group, entries in zip(groups, fused, strict=True):

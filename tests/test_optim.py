@@ -292,6 +292,21 @@ def test_adam_fast_path_keeps_one_second_moment_per_group_and_the_gradient():
     assert torch.equal(second, second[:, :1].expand_as(second))
 
 
+def test_adam_step_hooks_run_once():
+    """The fast path runs geoopt's loop for the other parameters inside its own step: the
+    optimizer's step hooks must still run once per step, also after an instance of geoopt's
+    class has wrapped that class's ``step`` with torch's hook runner."""
+    geoopt.optim.RiemannianAdam([nn.Parameter(torch.ones(2))], lr=0.1)
+    params = make_params(torch.float64)
+    optimizer = RiemannianAdam(params, lr=0.05)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+    set_gradients(params, 0)
+    optimizer.step()
+    assert calls == ["pre", "post"]
+
+
 def test_adam_resumes_across_paths():
     """A checkpoint of the fast path continues under geoopt's loop, and back."""
     config = dict(amsgrad=True, weight_decay=1e-3)
