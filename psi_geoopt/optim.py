@@ -460,7 +460,7 @@ def _psi_sgd(
         dtype = _compute_dtype(x)
         batches.setdefault((x.device, dtype, first), []).append((x, grad, buffer))
     for (_, dtype, first), batch in batches.items():
-        work = [tuple(_in_dtype(t, dtype) for t in views) for views in batch]
+        work = _working_copies(batch, dtype)
         sums = torch.cat([_psi_sums(x, grad, None if first else b) for x, grad, b in work])
         xp = _algebra_module(sums)
         coefficients = _as_tensor(
@@ -469,10 +469,7 @@ def _psi_sgd(
         pieces = coefficients.split([x.shape[0] for x, _, _ in work])
         for (x, grad, buffer), piece in zip(work, pieces, strict=True):
             _psi_apply(x, grad, buffer, piece, first=first, **hyper)
-        for original, computed in zip(batch, work, strict=True):
-            for target, source in zip(original, computed, strict=True):
-                if target is not None and source is not target:
-                    target.copy_(source)
+        _write_back(batch, work)
 
 
 def _psi_adam(
@@ -501,7 +498,7 @@ def _psi_adam(
         views = (x, _rows(point.grad, size), *(_rows(state[key], size) for key in moments))
         batches.setdefault((x.device, _compute_dtype(x), state["step"]), []).append(views)
     for (_, dtype, step), batch in batches.items():
-        work = [tuple(_in_dtype(t, dtype) for t in views) for views in batch]
+        work = _working_copies(batch, dtype)
         sums = torch.cat([_psi_sums(x, grad, exp_avg) for x, grad, exp_avg, *_ in work])
         second = torch.cat([views[3][:, 0] for views in work])
         peak = torch.cat([views[4][:, 0] for views in work]) if amsgrad else None
@@ -527,10 +524,7 @@ def _psi_adam(
             _psi_apply(x, grad, exp_avg, piece, nesterov=False, first=False)
             for target, value in zip(views[3:], moment.T, strict=True):
                 target.copy_(value.unsqueeze(1).expand_as(target))
-        for original, computed in zip(batch, work, strict=True):
-            for target, source in zip(original, computed, strict=True):
-                if source is not target:
-                    target.copy_(source)
+        _write_back(batch, work)
 
 
 def _algebra_module(tensor: torch.Tensor) -> ModuleType:
@@ -549,8 +543,24 @@ def _as_tensor(array) -> torch.Tensor:
     return torch.from_numpy(array) if isinstance(array, numpy.ndarray) else array
 
 
-def _in_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+def _working_copies(
+    batch: list[tuple[torch.Tensor | None, ...]], dtype: torch.dtype
+) -> list[tuple[torch.Tensor | None, ...]]:
+    """The tensors of ``batch`` in the compute ``dtype``: themselves where they have it,
+    float32 copies of float16/bfloat16 ones (written back by :func:`_write_back`)."""
+    return [
+        tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in views) for views in batch
+    ]
+
+
+def _write_back(
+    batch: list[tuple[torch.Tensor | None, ...]], work: list[tuple[torch.Tensor | None, ...]]
+) -> None:
+    """Copy the working copies of :func:`_working_copies` back into the original tensors."""
+    for original, computed in zip(batch, work, strict=True):
+        for target, source in zip(original, computed, strict=True):
+            if target is not None and source is not target:
+                target.copy_(source)
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -743,16 +753,16 @@ def _psi_fused_step(
     reduction pass and one elementwise pass. float16/bfloat16 are computed in float32."""
     dtype = _compute_dtype(x)
     point, grad = x.to(dtype), grad.to(dtype)
-    momentum = None if buffer is None else buffer.to(dtype)
-    sums = _psi_sums(point, grad, momentum)
+    moment = None if buffer is None else buffer.to(dtype)
+    sums = _psi_sums(point, grad, moment)
     coefficients = _psi_coefficients(sums, first=False, **hyper)
     x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, _, _ = coefficients.T.unsqueeze(
         -1
     ).unbind()
     increment = x_shift * point + u_coeff * grad
     if buffer is not None:
-        increment = increment + b_coeff * momentum
-        buffer.copy_(bx_coeff * point + bu_coeff * grad + bb_coeff * momentum)
+        increment = increment + b_coeff * moment
+        buffer.copy_(bx_coeff * point + bu_coeff * grad + bb_coeff * moment)
     x.copy_(point + increment)
 
 
