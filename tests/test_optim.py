@@ -73,8 +73,8 @@ def set_gradients(params: list[torch.Tensor], step: int) -> None:
         p.grad = (grad / p.detach().double().norm()).to(p.dtype)
 
 
-def run(params, steps: int = STEPS, **options) -> RiemannianSGD:
-    optimizer = RiemannianSGD(params, lr=0.05, **options)
+def run(params, steps: int = STEPS, optimizer_class=RiemannianSGD, **options):
+    optimizer = optimizer_class(params, lr=0.05, **options)
     for step in range(steps):
         set_gradients(params, step)
         optimizer.step()
@@ -236,11 +236,7 @@ ADAM_CONFIGS = [
 
 
 def run_adam(params, steps: int = STEPS, **options) -> RiemannianAdam:
-    optimizer = RiemannianAdam(params, lr=0.05, **options)
-    for step in range(steps):
-        set_gradients(params, step)
-        optimizer.step()
-    return optimizer
+    return run(params, steps, RiemannianAdam, **options)
 
 
 def assert_same_adam_state(fast, reference, fast_params, reference_params, rtol):
