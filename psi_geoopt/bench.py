@@ -9,8 +9,9 @@ over rounds:
   random gradients): ``torch.optim.SGD(foreach=True)``, geoopt's ``RiemannianSGD`` (its
   per-parameter loop), ``psi_geoopt.optim.RiemannianSGD`` with ``foreach=False`` (the
   reference loop), the fast path run eagerly (``compile=False``) and compiled
-  (``compile=True``; the default ``compile=None`` compiles groups of at least
-  ``AUTO_COMPILE_NUMEL`` PSI elements, such as these);
+  (``compile=True``: on CPUs through :func:`torch.compile`, which the default ``compile=None``
+  does for groups of at least ``AUTO_COMPILE_NUMEL`` PSI elements, such as these; on CUDA the
+  Triton kernel of :mod:`psi_geoopt.triton_step`, the default there);
 - the Adam step on the same shapes: ``torch.optim.Adam(foreach=True)``, geoopt's
   ``RiemannianAdam`` and ``psi_geoopt.optim.RiemannianAdam`` (its fast path);
 - the whole training step (forward, backward, step) of the demo ConvNet (``convnet-bn``) on
@@ -88,7 +89,7 @@ class Contender:
     psi: bool
 
 
-def contenders(compile: bool) -> list[Contender]:
+def contenders(compile: bool, device: str = "cpu") -> list[Contender]:
     hyper = dict(lr=LEARNING_RATE, momentum=MOMENTUM)
     entries = [
         Contender("torch SGD foreach", lambda p: torch.optim.SGD(p, foreach=True, **hyper), False),
@@ -97,11 +98,8 @@ def contenders(compile: bool) -> list[Contender]:
         Contender("PSI fast path eager", lambda p: RiemannianSGD(p, compile=False, **hyper), True),
     ]
     if compile:
-        entries.append(
-            Contender(
-                "PSI fast path compiled", lambda p: RiemannianSGD(p, compile=True, **hyper), True
-            )
-        )
+        label = "PSI fast path kernel" if device.startswith("cuda") else "PSI fast path compiled"
+        entries.append(Contender(label, lambda p: RiemannianSGD(p, compile=True, **hyper), True))
     return entries
 
 
@@ -197,7 +195,7 @@ def bench_training(batch_size: int, rounds: int, compile: bool, device: str) -> 
     images = torch.randn(batch_size, 1, 8, 8, generator=generator).to(device)
     labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
     actions = {}
-    for contender in contenders(compile):
+    for contender in contenders(compile, device):
         model = _convnet(contender.psi, images)
         optimizer = contender.build(list(model.parameters()))
 
@@ -278,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"momentum {MOMENTUM}, lr {LEARNING_RATE}, {rounds} interleaved rounds, median")
     results: dict[str, object] = {"machine": info, "rounds": rounds, "steps": {}, "adam": {}}
     for model in ("resnet18",) if args.quick else tuple(MODELS):
-        for key, entries in (("steps", contenders(compile)), ("adam", adam_contenders())):
+        for key, entries in (("steps", contenders(compile, device)), ("adam", adam_contenders())):
             entry = bench_steps(model, rounds, entries, device)
             results[key][model] = entry
             _print_table(

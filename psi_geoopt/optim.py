@@ -385,13 +385,10 @@ def _multi_tensor_rsgd(
         else:
             other.append(point)
     hyper = dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening, lr=lr)
-    if other:
-        _single_tensor_rsgd(other, state, default_manifold, nesterov=nesterov, **hyper)
-    if euclidean:
-        _foreach_euclidean_sgd(euclidean, state, nesterov=nesterov, **hyper)
+    kernel = compile is not False
     if compile is None:
         compile = sum(point.numel() for point, _ in psi) >= AUTO_COMPILE_NUMEL
-    tasks, compiled = [], []
+    tasks, kernel_tasks, compiled = [], [], []
     for point, group_size in psi:
         buffer = state[point].get("momentum_buffer") if momentum != 0 else None
         first = momentum != 0 and buffer is None
@@ -399,6 +396,9 @@ def _multi_tensor_rsgd(
             buffer = state[point]["momentum_buffer"] = torch.zeros_like(point)
         elif buffer is not None and not _local(buffer).is_contiguous():
             _single_tensor_rsgd([point], state, default_manifold, nesterov=nesterov, **hyper)
+            continue
+        if kernel and _takes_kernel(point, group_size):
+            kernel_tasks.append((point, buffer, group_size, first))
             continue
         if compile and not first and not _is_dtensor(point):
             compiled.append((point, buffer, group_size))
@@ -409,9 +409,59 @@ def _multi_tensor_rsgd(
         buffer = None if buffer is None else _rows(buffer, group_size)
         tasks.append((x, _rows(point.grad, group_size), buffer, first))
     psi_hyper = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
+    # the kernel first: the GPU runs it while the host prepares the other updates
+    if kernel_tasks:
+        _kernel_psi_sgd(kernel_tasks, **psi_hyper)
     _psi_sgd(tasks, **psi_hyper)
     if compiled:
         _compiled_psi_sgd(compiled, **psi_hyper)
+    if other:
+        _single_tensor_rsgd(other, state, default_manifold, nesterov=nesterov, **hyper)
+    if euclidean:
+        _foreach_euclidean_sgd(euclidean, state, nesterov=nesterov, **hyper)
+
+
+_TRITON: dict[str, ModuleType | None] = {}
+
+
+def _triton_step() -> ModuleType | None:
+    """:mod:`psi_geoopt.triton_step`, imported on first use; ``None`` without Triton."""
+    if "module" not in _TRITON:
+        try:
+            from . import triton_step
+        except ImportError:
+            triton_step = None
+        _TRITON["module"] = triton_step
+    return _TRITON["module"]
+
+
+def _takes_kernel(point: torch.Tensor, group_size: int) -> bool:
+    """Whether the PSI step of ``point`` runs in the Triton kernel of
+    :mod:`psi_geoopt.triton_step`: a CUDA tensor, groups of at most ``MAX_ROW`` elements,
+    Triton installed (PyTorch's CUDA builds on Linux bring it)."""
+    if not _local(point).is_cuda:
+        return False
+    module = _triton_step()
+    return module is not None and group_size <= module.MAX_ROW
+
+
+def _kernel_psi_sgd(
+    tasks: list[tuple[torch.Tensor, torch.Tensor | None, int, bool]], **hyper
+) -> None:
+    """The PSI step of ``(parameter, buffer, group_size, first)`` entries (contiguous) in the
+    Triton kernel, one launch per device, dtype and ``first`` flag, on the local rows of
+    sharded parameters."""
+    batches: dict[tuple, list[tuple]] = {}
+    for point, buffer, group_size, first in tasks:
+        x = _local(point)
+        if x.numel() == 0:  # a rank that holds no group of this parameter
+            continue
+        grad = _local(point.grad)
+        grad = grad if grad.is_contiguous() else grad.contiguous()
+        entry = (x, grad, None if buffer is None else _local(buffer), group_size)
+        batches.setdefault((x.device, x.dtype, first), []).append(entry)
+    for (_, _, first), batch in batches.items():
+        _triton_step().psi_sgd_step(batch, first=first, **hyper)
 
 
 def _foreach_euclidean_sgd(
@@ -461,11 +511,9 @@ def _psi_sgd(
         batches.setdefault((x.device, dtype, first), []).append((x, grad, buffer))
     for (_, dtype, first), batch in batches.items():
         work = _working_copies(batch, dtype)
-        sums = torch.cat([_psi_sums(x, grad, None if first else b) for x, grad, b in work])
-        xp = _algebra_module(sums)
-        coefficients = _as_tensor(
-            _psi_coefficients(_in_module(sums, xp), xp=xp, first=first, **hyper)
-        )
+        xp = _algebra_module(work[0][0])
+        sums = _stacked_sums(work, not first and work[0][2] is not None, xp)
+        coefficients = _as_tensor(_psi_coefficients(sums, xp=xp, first=first, **hyper))
         pieces = coefficients.split([x.shape[0] for x, _, _ in work])
         for (x, grad, buffer), piece in zip(work, pieces, strict=True):
             _psi_apply(x, grad, buffer, piece, first=first, **hyper)
@@ -488,22 +536,32 @@ def _psi_adam(
     momentum and dampening :math:`\beta_1` and the learning rate of the group
     :math:`\eta / ((1 - \beta_1^t)(\sqrt{\hat v_t / (1 - \beta_2^t)} + \epsilon))`,
     :math:`\hat v_t` the running maximum of :math:`v_t` with ``amsgrad``, else :math:`v_t`.
-    Tensors are batched by device, compute dtype and step count.
+    Tensors are batched by device, compute dtype and step count; on CUDA each batch is one
+    launch of the Triton kernel (:func:`psi_geoopt.triton_step.psi_adam_step`).
     """
     beta1, beta2 = betas
     moments = _ADAM_MOMENTS[: 3 if amsgrad else 2]
     batches: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+    kernel_batches: dict[tuple, list[tuple]] = {}
     for point, size, state in entries:
+        if _takes_kernel(point, size):
+            grad = point.grad if point.grad.is_contiguous() else point.grad.contiguous()
+            peak = state["max_exp_avg_sq"] if amsgrad else None
+            key = (point.device, point.dtype, state["step"])
+            kernel_batches.setdefault(key, []).append(
+                (point, grad, state["exp_avg"], state["exp_avg_sq"], peak, size)
+            )
+            continue
         x = _rows(point.data, size)
         views = (x, _rows(point.grad, size), *(_rows(state[key], size) for key in moments))
         batches.setdefault((x.device, _compute_dtype(x), state["step"]), []).append(views)
     for (_, dtype, step), batch in batches.items():
         work = _working_copies(batch, dtype)
-        sums = torch.cat([_psi_sums(x, grad, exp_avg) for x, grad, exp_avg, *_ in work])
+        xp = _algebra_module(work[0][0])
+        sums = _stacked_sums(work, True, xp)
         second = torch.cat([views[3][:, 0] for views in work])
         peak = torch.cat([views[4][:, 0] for views in work]) if amsgrad else None
-        xp = _algebra_module(sums)
-        sums, second = _in_module(sums, xp), _in_module(second, xp)
+        second = _in_module(second, xp)
         peak = None if peak is None else _in_module(peak, xp)
         xx, xu, uu = sums[:, 0], sums[:, 1], sums[:, 2]
         second = beta2 * second + (1 - beta2) * xp.clip(xx * uu - xu * xu, 0, None)
@@ -525,6 +583,8 @@ def _psi_adam(
             for target, value in zip(views[3:], moment.T, strict=True):
                 target.copy_(value.unsqueeze(1).expand_as(target))
         _write_back(batch, work)
+    for (_, _, step), batch in kernel_batches.items():
+        _triton_step().psi_adam_step(batch, lr=lr, betas=betas, eps=eps, step=step)
 
 
 def _algebra_module(tensor: torch.Tensor) -> ModuleType:
@@ -578,6 +638,32 @@ def _psi_sums(x: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None) 
 
 def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=1).square()
+
+
+def _stacked_sums(views: list[tuple[torch.Tensor, ...]], with_buffer: bool, xp: ModuleType):
+    """:func:`_psi_sums` of every ``(x, grad, buffer, ...)`` of ``views``, stacked, in the
+    module ``xp`` of the scalar algebra. In NumPy (CPU) each sum is one call of
+    :func:`numpy.vecdot` into its column, a third of the per-call cost of PyTorch's; the
+    squared norms are accumulated in float64, as PyTorch's CPU norms are."""
+    if xp is torch:
+        return torch.cat(
+            [_psi_sums(x, grad, b if with_buffer else None) for x, grad, b, *_ in views]
+        )
+    arrays = [[t.numpy() for t in v[: 3 if with_buffer else 2]] for v in views]
+    dtype = arrays[0][0].dtype
+    sums = numpy.empty((sum(a[0].shape[0] for a in arrays), 5 if with_buffer else 3), dtype)
+    start = 0
+    for x, grad, *buffer in arrays:
+        end = start + x.shape[0]
+        out = sums[start:end]
+        numpy.vecdot(x, x, out=out[:, 0], dtype=numpy.float64)
+        numpy.vecdot(x, grad, out=out[:, 1])
+        numpy.vecdot(grad, grad, out=out[:, 2], dtype=numpy.float64)
+        if with_buffer:
+            numpy.vecdot(buffer[0], grad, out=out[:, 3])
+            numpy.vecdot(buffer[0], buffer[0], out=out[:, 4], dtype=numpy.float64)
+        start = end
+    return sums
 
 
 def _psi_coefficients(

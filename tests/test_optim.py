@@ -70,7 +70,7 @@ def set_gradients(params: list[torch.Tensor], step: int) -> None:
     generator = torch.Generator().manual_seed(1000 + step)
     for p in params[:-1]:
         grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
-        p.grad = (grad / p.detach().double().norm()).to(p.dtype)
+        p.grad = (grad.to(p.device) / p.detach().double().norm()).to(p.dtype)
 
 
 def run(params, steps: int = STEPS, optimizer_class=RiemannianSGD, **options):

@@ -1,0 +1,168 @@
+"""The Triton kernel of the PSI SGD step (:mod:`psi_geoopt.triton_step`) against the reference.
+
+On a machine with a CUDA GPU the tests run the compiled kernel on CUDA tensors. Without one,
+:func:`test_kernel_tests_in_interpreter` runs them again in a fresh Python process with
+``TRITON_INTERPRET=1``, Triton's interpreter, on CPU tensors (the interpreter is chosen when
+the kernel is defined, so it needs a process of its own).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_optim import (
+    ADAM_CONFIGS,
+    CONFIGS,
+    TOLERANCE,
+    assert_same_adam_state,
+    assert_same_trajectory,
+    make_params,
+    run,
+    run_adam,
+)
+
+import psi_geoopt.optim as psi_optim
+from psi_geoopt.optim import RiemannianSGD
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="Triton is not installed"
+)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETED else "cuda"
+STEPS = 6 if INTERPRETED else 25  # the interpreter runs every program in Python
+kernel_test = pytest.mark.skipif(
+    not (INTERPRETED or torch.cuda.is_available()),
+    reason="needs a CUDA GPU or TRITON_INTERPRET=1 (see test_kernel_tests_in_interpreter)",
+)
+
+
+def test_kernel_tests_in_interpreter():
+    if INTERPRETED or torch.cuda.is_available():
+        pytest.skip("the kernel tests run in this process")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    result = subprocess.run(
+        [*command, "-k", "not interpreter"],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The PSI tensors of the fast paths go through the kernel (in the interpreter: on CPU);
+    yields the list of launches (SGD: its ``first`` flag, Adam: ``"adam"``), and fails a
+    test whose steps never launch it."""
+    from psi_geoopt import triton_step
+
+    launches = []
+    if INTERPRETED:
+        monkeypatch.setattr(
+            psi_optim, "_takes_kernel", lambda point, size: size <= triton_step.MAX_ROW
+        )
+    sgd_step, adam_step = triton_step.psi_sgd_step, triton_step.psi_adam_step
+
+    def counted_sgd(*args, **kwargs):
+        launches.append(kwargs["first"])
+        return sgd_step(*args, **kwargs)
+
+    def counted_adam(*args, **kwargs):
+        launches.append("adam")
+        return adam_step(*args, **kwargs)
+
+    monkeypatch.setattr(triton_step, "psi_sgd_step", counted_sgd)
+    monkeypatch.setattr(triton_step, "psi_adam_step", counted_adam)
+    yield launches
+    assert launches, "the kernel was never launched"
+
+
+def on_device(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    for p in params:
+        p.data = p.data.to(DEVICE)
+    return params
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
+)
+def test_kernel_follows_reference(kernel, dtype, config):
+    """Several steps, the first (fresh buffers) included, of every parameter kind mixed in one
+    group: the PSI tensors on the kernel, the rest on their usual paths. The gradients are new
+    tensors at every step, so the address table is rebuilt."""
+    fast_params = on_device(make_params(dtype))
+    reference_params = on_device(make_params(dtype))
+    fast = run(fast_params, steps=STEPS, **config)
+    reference = run(reference_params, steps=STEPS, foreach=False, **config)
+    assert_same_trajectory(fast, reference, fast_params, reference_params, TOLERANCE[dtype])
+    assert kernel.count(True) == (config["momentum"] != 0)  # one first step with momentum
+
+
+@kernel_test
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_kernel_bfloat16_close_to_reference(kernel, nesterov):
+    """bfloat16 tensors, computed in float32 and rounded once per step."""
+    fast_params = on_device(make_params(torch.bfloat16))
+    reference_params = on_device(make_params(torch.bfloat16))
+    fast = run(fast_params, steps=STEPS, momentum=0.9, nesterov=nesterov)
+    reference = run(reference_params, steps=STEPS, foreach=False, momentum=0.9, nesterov=nesterov)
+    rtol = TOLERANCE[torch.bfloat16]
+    assert_same_trajectory(fast, reference, fast_params, reference_params, rtol)
+
+
+@kernel_test
+def test_kernel_follows_a_learning_rate_schedule_with_gradients_in_place(kernel):
+    """The learning rate changes at every step (a new hyper-parameter table each time) while
+    the gradients are written in place (the address table is reused)."""
+    trajectories = []
+    for foreach in (None, False):
+        params = on_device(make_params(torch.float64))
+        optimizer = RiemannianSGD(params, lr=0.1, momentum=0.9, foreach=foreach)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.8)
+        generator = torch.Generator().manual_seed(0)
+        for p in params[:-1]:
+            p.grad = torch.zeros_like(p)
+        for _ in range(STEPS):
+            for p in params[:-1]:
+                p.grad.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            optimizer.step()
+            scheduler.step()
+        trajectories.append((optimizer, params))
+    (fast, fast_params), (reference, reference_params) = trajectories
+    assert_same_trajectory(fast, reference, fast_params, reference_params, 1e-12)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "config", ADAM_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default"
+)
+def test_adam_kernel_follows_geoopt_loop(kernel, dtype, config):
+    """Adam: the PSI tensors grouped along axis 0 on the kernel, against geoopt's loop; the
+    moments are compared too (``exp_avg_sq`` broadcast over each group)."""
+    fast_params = on_device(make_params(dtype))
+    reference_params = on_device(make_params(dtype))
+    fast = run_adam(fast_params, steps=STEPS, **config)
+    reference = run_adam(reference_params, steps=STEPS, foreach=False, **config)
+    assert_same_adam_state(fast, reference, fast_params, reference_params, TOLERANCE[dtype])
+    assert kernel.count("adam") == STEPS
+
+
+@kernel_test
+def test_adam_kernel_bfloat16_close_to_geoopt_loop(kernel):
+    fast_params = on_device(make_params(torch.bfloat16))
+    reference_params = on_device(make_params(torch.bfloat16))
+    fast = run_adam(fast_params, steps=STEPS, amsgrad=True)
+    reference = run_adam(reference_params, steps=STEPS, amsgrad=True, foreach=False)
+    rtol = TOLERANCE[torch.bfloat16]
+    assert_same_adam_state(fast, reference, fast_params, reference_params, rtol)
