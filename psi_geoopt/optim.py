@@ -13,14 +13,16 @@ checkpoints: :meth:`torch.optim.Adam.__setstate__`, which ``load_state_dict`` ca
 geoopt's integer ``state["step"]`` into a float32 tensor, and the bias corrections
 :math:`1 - \beta^t` computed from it differ in the last bits from those of the uninterrupted
 run. Here the step stays an integer, so a resumed run is bit-identical. It also has a fast
-path for PSI parameters (:func:`_psi_adam`), built on the same closed forms.
+path for PSI parameters (:func:`_psi_adam`), built on the same closed forms, and one with
+``foreach`` operations for Euclidean parameters.
 
 Two implementations of the same SGD step live side by side, as in :mod:`torch.optim.sgd`:
 :func:`_single_tensor_rsgd`, the reference loop calling the manifold's operations parameter by
 parameter, and :func:`_multi_tensor_rsgd`, the fast path (``foreach`` ops for the Euclidean
 parameters; for PSI parameters closed forms derived in :func:`_psi_coefficients`: five
 per-group sums and one update per tensor, run eagerly or, for large groups, compiled by
-:func:`torch.compile` into one read pass and one read-write pass).
+:func:`torch.compile` into one read pass and one read-write pass; on CUDA one launch of the
+Triton kernel of :mod:`psi_geoopt.triton_step` for all PSI tensors of a group).
 """
 
 from __future__ import annotations
@@ -90,14 +92,18 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
         sharded along axis 0, each group lives on one rank and the fast path updates the
         local rows without communication.
     compile : bool or None
-        run the fused PSI pass of all PSI tensors of a group through :func:`torch.compile`:
-        one graph per parameter group, specialised to its shapes, in which the per-group
-        sums and the update of every tensor are fused (and, where inductor supports it,
-        independent tensors share kernels). Compilation happens at the second step and
-        takes tens of seconds; where it fails, the step runs eagerly, with a warning.
-        ``None`` (default): compile the groups whose fused PSI parameters hold at least
-        :data:`AUTO_COMPILE_NUMEL` elements together, where the compiled step pays off
-        (``benchmarks/RESULTS.md``); ``True``: every group; ``False``: never.
+        run the fused PSI step as generated code rather than eager PyTorch operations. On
+        CUDA (with Triton, which PyTorch's CUDA builds on Linux bring): one launch of the
+        multi-tensor kernel of :mod:`psi_geoopt.triton_step` per parameter group, for
+        groups of at most ``MAX_ROW`` elements. Elsewhere: :func:`torch.compile`, one graph
+        per parameter group, specialised to its shapes, in which the per-group sums and the
+        update of every tensor are fused (and, where inductor supports it, independent
+        tensors share kernels); compilation happens at the second step and takes tens of
+        seconds; where it fails, the step runs eagerly, with a warning. ``None``
+        (default): the kernel on CUDA, and :func:`torch.compile` for the groups whose fused
+        PSI parameters hold at least :data:`AUTO_COMPILE_NUMEL` elements together, where
+        the compiled step pays off (``benchmarks/RESULTS.md``); ``True``: always;
+        ``False``: never, eager operations everywhere.
     """
 
     def __init__(
@@ -193,14 +199,16 @@ class RiemannianAdam(geoopt.optim.RiemannianAdam):
 
     Two changes. ``load_state_dict`` keeps ``state["step"]`` an ``int``
     (:meth:`torch.optim.Adam.__setstate__` would make it a float32 tensor). And a fast path,
-    for contiguous :class:`~psi_geoopt.PSIManifold` parameters grouped along axis 0 (the
-    group option ``foreach``, as in :class:`torch.optim.Adam`: ``None`` or ``True`` takes
-    it, ``False`` runs geoopt's per-parameter loop for every parameter): the same closed
-    forms as :class:`RiemannianSGD`'s with momentum :math:`\beta_1`, dampening
-    :math:`\beta_1` and one learning rate per group,
+    for contiguous :class:`~psi_geoopt.PSIManifold` parameters grouped along axis 0 and for
+    Euclidean parameters (the group option ``foreach``, as in :class:`torch.optim.Adam`:
+    ``None`` or ``True`` takes it, ``False`` runs geoopt's per-parameter loop for every
+    parameter). PSI parameters: the same closed forms as :class:`RiemannianSGD`'s with
+    momentum :math:`\beta_1`, dampening :math:`\beta_1` and one learning rate per group,
     :math:`\eta / ((1 - \beta_1^t)(\sqrt{v_t / (1 - \beta_2^t)} + \epsilon))`, from five
-    per-group sums, the per-group algebra batched across tensors. The state keeps geoopt's
-    format (``exp_avg_sq`` holds :math:`v_t` broadcast over each group). Other parameters go
+    per-group sums, the per-group algebra batched across tensors (on CUDA one launch of the
+    Triton kernel of :mod:`psi_geoopt.triton_step`). Euclidean parameters: geoopt's
+    operations as ``torch._foreach_*`` operations. The state keeps geoopt's format
+    (``exp_avg_sq`` holds :math:`v_t` broadcast over each group). Other parameters go
     through geoopt's loop, which also adds the weight decay into their ``p.grad``; the fast
     path leaves ``p.grad`` untouched.
     """
@@ -233,22 +241,25 @@ class RiemannianAdam(geoopt.optim.RiemannianAdam):
                     self._fused_step(group, entries)
         return loss
 
-    def _fused_parameters(self, group: dict) -> list[tuple[torch.Tensor, int]]:
-        """``(parameter, group_size)`` of the parameters of ``group`` that take the fast path."""
+    def _fused_parameters(self, group: dict) -> list[tuple[torch.Tensor, int | None]]:
+        """``(parameter, group_size)`` of the parameters of ``group`` that take the fast path:
+        PSI parameters grouped along axis 0, and Euclidean ones (``group_size`` ``None``)."""
         if group["foreach"] is False:
             return []
         entries = []
         for point in group["params"]:
             if point.grad is None or point.grad.is_sparse or _is_dtensor(point):
                 continue
-            group_size = _fused_group_size(point, _manifold_of(point, self._default_manifold))
+            manifold = _manifold_of(point, self._default_manifold)
+            euclidean = type(manifold) is geoopt.Euclidean and manifold.ndim == 0
+            group_size = None if euclidean else _fused_group_size(point, manifold)
             state = self.state[point]
             moments = [state[key] for key in _ADAM_MOMENTS if key in state]
-            if group_size is not None and all(m.is_contiguous() for m in moments):
+            if (euclidean or group_size is not None) and all(m.is_contiguous() for m in moments):
                 entries.append((point, group_size))
         return entries
 
-    def _fused_step(self, group: dict, entries: list[tuple[torch.Tensor, int]]) -> None:
+    def _fused_step(self, group: dict, entries: list[tuple[torch.Tensor, int | None]]) -> None:
         stabilize = group["stabilize"]
         due = False
         for point, _ in entries:
@@ -259,15 +270,61 @@ class RiemannianAdam(geoopt.optim.RiemannianAdam):
                     state[key] = torch.zeros_like(point)
             state["step"] += 1
             due = due or (stabilize is not None and state["step"] % stabilize == 0)
-        _psi_adam(
-            [(point, size, self.state[point]) for point, size in entries],
-            lr=group["lr"],
-            betas=group["betas"],
-            eps=group["eps"],
-            amsgrad=group["amsgrad"],
+        hyper = dict(
+            lr=group["lr"], betas=group["betas"], eps=group["eps"], amsgrad=group["amsgrad"]
         )
+        psi = [(point, size, self.state[point]) for point, size in entries if size is not None]
+        if psi:
+            _psi_adam(psi, **hyper)
+        euclidean = [point for point, size in entries if size is None]
+        if euclidean:
+            _foreach_euclidean_adam(
+                euclidean, self.state, weight_decay=group["weight_decay"], **hyper
+            )
         if due:
             self.stabilize_group({"params": [point for point, _ in entries]})
+
+
+def _foreach_euclidean_adam(
+    params: list[torch.Tensor],
+    state: dict,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+) -> None:
+    r"""geoopt's Adam step on Euclidean parameters (``state["step"]`` already counted) with
+    ``torch._foreach_*`` operations, one batch per step count, leaving ``p.grad`` untouched.
+    The same operations as geoopt's loop:
+    :math:`\hat m / (\sqrt{v / (1 - \beta_2^t)} + \epsilon)`,
+    :math:`\hat m = m / (1 - \beta_1^t)`."""
+    beta1, beta2 = betas
+    batches: dict[int, list[torch.Tensor]] = {}
+    for point in params:
+        batches.setdefault(state[point]["step"], []).append(point)
+    for step, points in batches.items():
+        states = [state[p] for p in points]
+        grads = [p.grad for p in points]
+        if weight_decay != 0:
+            grads = torch._foreach_add(grads, points, alpha=weight_decay)
+        exp_avgs = [s["exp_avg"] for s in states]
+        second = [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        torch._foreach_mul_(second, beta2)
+        torch._foreach_add_(second, torch._foreach_mul(grads, grads), alpha=1 - beta2)
+        if amsgrad:
+            peaks = [s["max_exp_avg_sq"] for s in states]
+            torch._foreach_maximum_(peaks, second)
+            second = peaks
+        denominator = torch._foreach_div(second, 1 - beta2**step)
+        torch._foreach_sqrt_(denominator)
+        torch._foreach_add_(denominator, eps)
+        direction = torch._foreach_div(exp_avgs, 1 - beta1**step)
+        torch._foreach_div_(direction, denominator)
+        torch._foreach_add_(points, direction, alpha=-lr)
 
 
 _ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")

@@ -281,9 +281,9 @@ def test_adam_fast_path_keeps_one_second_moment_per_group_and_the_gradient():
     optimizer = RiemannianAdam(params, lr=0.05, weight_decay=1e-2)
     for step in range(3):
         set_gradients(params, step)
-        grad = params[0].grad.clone()
+        grads = [params[0].grad.clone(), params[7].grad.clone()]  # PSI, Euclidean
         optimizer.step()
-        assert torch.equal(params[0].grad, grad)
+        assert torch.equal(params[0].grad, grads[0]) and torch.equal(params[7].grad, grads[1])
     second = optimizer.state[params[0]]["exp_avg_sq"].flatten(1)
     assert torch.equal(second, second[:, :1].expand_as(second))
 
