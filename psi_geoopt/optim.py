@@ -35,7 +35,6 @@ from types import ModuleType
 import geoopt
 import numpy
 import torch
-from geoopt import ManifoldParameter, ManifoldTensor
 
 from .manifold import PSIManifold
 
@@ -155,13 +154,17 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
                 nesterov=group["nesterov"],
                 lr=group["lr"],
             )
-            params = [p for p in group["params"] if p.grad is not None]
-            for point in params:
-                if point.grad.is_sparse:
+            params = []
+            for point in group["params"]:
+                grad = point.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
                     raise RuntimeError(
                         "RiemannianSGD does not support sparse gradients, use "
                         "SparseRiemannianSGD instead"
                     )
+                params.append(point)
             if self.foreach is False:
                 _single_tensor_rsgd(params, self.state, self._default_manifold, **hyper)
             else:
@@ -334,8 +337,6 @@ def _manifold_of(point: torch.Tensor, default: geoopt.Manifold) -> geoopt.Manifo
     """The manifold of a :class:`geoopt.ManifoldParameter`; for any other tensor its attribute
     ``manifold`` if it has one (a parameter re-created by a wrapper such as FSDP2's
     ``fully_shard``, which keeps a tensor's value but not its class), else ``default``."""
-    if isinstance(point, (ManifoldParameter, ManifoldTensor)):
-        return point.manifold
     manifold = getattr(point, "manifold", None)
     return manifold if isinstance(manifold, geoopt.Manifold) else default
 
@@ -382,22 +383,23 @@ def _fused_group_size(point: torch.Tensor, manifold: geoopt.Manifold) -> int | N
     every placement is ``Shard(0)`` or ``Replicate()`` (FSDP2's ``fully_shard``): each group
     then lives whole on one rank and the pass runs on the local rows, without communication.
     """
-    if type(manifold) is not PSIManifold or point.dim() == 0 or point.numel() == 0:
+    if type(manifold) is not PSIManifold or point.dtype not in _FUSED_DTYPES:
         return None
-    if point.dtype not in _FUSED_DTYPES:
+    shape, numel = point.shape, point.numel()
+    if not shape or numel == 0:
         return None
-    sharded = _is_dtensor(point)
-    if sharded and not all(
-        placement.is_replicate() or placement.is_shard(0) for placement in point.placements
-    ):
+    if _is_dtensor(point):
+        if manifold.dim is None or not point.to_local().is_contiguous():
+            return None
+        if not all(p.is_replicate() or p.is_shard(0) for p in point.placements):
+            return None
+    elif not point.is_contiguous():
         return None
-    if not _local(point).is_contiguous():
+    elif manifold.dim is None:
+        return numel
+    if manifold.dim % len(shape) != 0:
         return None
-    if manifold.dim is None:
-        return None if sharded else point.numel()
-    if manifold.dim % point.dim() != 0:
-        return None
-    return point.numel() // point.shape[0]
+    return numel // shape[0]
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
@@ -442,11 +444,11 @@ def _multi_tensor_rsgd(
         else:
             other.append(point)
     hyper = dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening, lr=lr)
-    kernel = compile is not False
+    psi = [(*entry, compile is not False and _takes_kernel(*entry)) for entry in psi]
     if compile is None:
-        compile = sum(point.numel() for point, _ in psi) >= AUTO_COMPILE_NUMEL
+        compile = sum(p.numel() for p, _, kernel in psi if not kernel) >= AUTO_COMPILE_NUMEL
     tasks, kernel_tasks, compiled = [], [], []
-    for point, group_size in psi:
+    for point, group_size, kernel in psi:
         buffer = state[point].get("momentum_buffer") if momentum != 0 else None
         first = momentum != 0 and buffer is None
         if first:
@@ -454,7 +456,7 @@ def _multi_tensor_rsgd(
         elif buffer is not None and not _local(buffer).is_contiguous():
             _single_tensor_rsgd([point], state, default_manifold, nesterov=nesterov, **hyper)
             continue
-        if kernel and _takes_kernel(point, group_size):
+        if kernel:
             kernel_tasks.append((point, buffer, group_size, first))
             continue
         if compile and not first and not _is_dtensor(point):
@@ -496,7 +498,7 @@ def _takes_kernel(point: torch.Tensor, group_size: int) -> bool:
     """Whether the PSI step of ``point`` runs in the Triton kernel of
     :mod:`psi_geoopt.triton_step`: a CUDA tensor, groups of at most ``MAX_ROW`` elements,
     Triton installed (PyTorch's CUDA builds on Linux bring it)."""
-    if not _local(point).is_cuda:
+    if not point.is_cuda:
         return False
     module = _triton_step()
     return module is not None and group_size <= module.MAX_ROW
@@ -713,12 +715,12 @@ def _stacked_sums(views: list[tuple[torch.Tensor, ...]], with_buffer: bool, xp: 
     for x, grad, *buffer in arrays:
         end = start + x.shape[0]
         out = sums[start:end]
-        numpy.vecdot(x, x, out=out[:, 0], dtype=numpy.float64)
+        numpy.vecdot(x, x, out=out[:, 0])
         numpy.vecdot(x, grad, out=out[:, 1])
-        numpy.vecdot(grad, grad, out=out[:, 2], dtype=numpy.float64)
+        numpy.vecdot(grad, grad, out=out[:, 2])
         if with_buffer:
             numpy.vecdot(buffer[0], grad, out=out[:, 3])
-            numpy.vecdot(buffer[0], buffer[0], out=out[:, 4], dtype=numpy.float64)
+            numpy.vecdot(buffer[0], buffer[0], out=out[:, 4])
         start = end
     return sums
 

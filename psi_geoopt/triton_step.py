@@ -287,7 +287,8 @@ def _launch(entries: list[tuple], values: tuple[float, ...], **flags: bool) -> N
     shapes = tuple((entry[0].numel() // entry[-1], entry[-1]) for entry in entries)
     rows = _table(("rows", device, shapes), lambda: _row_table(shapes), device)
     addresses = tuple(
-        tuple(0 if t is None else t.data_ptr() for t in entry[:-1]) for entry in entries
+        (x.data_ptr(), grad.data_ptr(), *(0 if t is None else t.data_ptr() for t in others))
+        for x, grad, *others, _ in entries
     )
     tensors = _table(
         ("tensors", device, addresses, shapes),
