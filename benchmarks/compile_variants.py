@@ -8,7 +8,9 @@ as static addresses), and both. Each variant's iterates are checked against the 
 
     python benchmarks/compile_variants.py [cuda|cpu] [resnet18|resnet50] [ROUNDS]
 
-On CPU the CUDA-graph variants are skipped and only the first six convolutions are used.
+On CPU the CUDA-graph variants are skipped and only the first six convolutions are used. On
+CUDA the shipped step is the Triton kernel of ``psi_geoopt.triton_step``; this experiment, which
+led to it, forces :func:`torch.compile` there instead.
 """
 
 from __future__ import annotations
@@ -98,12 +100,13 @@ def main(device: str, model: str, rounds: int) -> None:
         replacement = compiled_step(name, options, static)
 
         def step(optimizer=optimizer, replacement=replacement) -> None:
-            original = psi_optim._compiled_psi_sgd
+            originals = psi_optim._compiled_psi_sgd, psi_optim._takes_kernel
             psi_optim._compiled_psi_sgd = replacement
+            psi_optim._takes_kernel = lambda point, group_size: False  # torch.compile on CUDA
             try:
                 optimizer.step()
             finally:
-                psi_optim._compiled_psi_sgd = original
+                psi_optim._compiled_psi_sgd, psi_optim._takes_kernel = originals
 
         start = time.perf_counter()
         for _ in range(4):

@@ -484,21 +484,25 @@ _TRITON: dict[str, ModuleType | None] = {}
 
 
 def _triton_step() -> ModuleType | None:
-    """:mod:`psi_geoopt.triton_step`, imported on first use; ``None`` without Triton."""
+    """:mod:`psi_geoopt.triton_step`, imported on first use; ``None`` without Triton or
+    with PyTorch < 2.5."""
     if "module" not in _TRITON:
-        try:
-            from . import triton_step
-        except ImportError:
-            triton_step = None
+        triton_step = None
+        if torch.torch_version.TorchVersion(torch.__version__) >= "2.5":
+            try:
+                from . import triton_step
+            except ImportError:
+                pass
         _TRITON["module"] = triton_step
     return _TRITON["module"]
 
 
 def _takes_kernel(point: torch.Tensor, group_size: int) -> bool:
     """Whether the PSI step of ``point`` runs in the Triton kernel of
-    :mod:`psi_geoopt.triton_step`: a CUDA tensor, groups of at most ``MAX_ROW`` elements,
-    Triton installed (PyTorch's CUDA builds on Linux bring it)."""
-    if not point.is_cuda:
+    :mod:`psi_geoopt.triton_step`: a CUDA tensor, not sharded (sharded groups run eagerly,
+    the path tested with FSDP2), groups of at most ``MAX_ROW`` elements, Triton installed
+    (PyTorch's CUDA builds on Linux bring it)."""
+    if not point.is_cuda or _is_dtensor(point):
         return False
     module = _triton_step()
     return module is not None and group_size <= module.MAX_ROW
@@ -507,18 +511,13 @@ def _takes_kernel(point: torch.Tensor, group_size: int) -> bool:
 def _kernel_psi_sgd(
     tasks: list[tuple[torch.Tensor, torch.Tensor | None, int, bool]], **hyper
 ) -> None:
-    """The PSI step of ``(parameter, buffer, group_size, first)`` entries (contiguous) in the
-    Triton kernel, one launch per device, dtype and ``first`` flag, on the local rows of
-    sharded parameters."""
+    """The PSI step of ``(parameter, buffer, group_size, first)`` entries (contiguous, not
+    sharded) in the Triton kernel, one launch per device, dtype and ``first`` flag."""
     batches: dict[tuple, list[tuple]] = {}
     for point, buffer, group_size, first in tasks:
-        x = _local(point)
-        if x.numel() == 0:  # a rank that holds no group of this parameter
-            continue
-        grad = _local(point.grad)
-        grad = grad if grad.is_contiguous() else grad.contiguous()
-        entry = (x, grad, None if buffer is None else _local(buffer), group_size)
-        batches.setdefault((x.device, x.dtype, first), []).append(entry)
+        grad = point.grad if point.grad.is_contiguous() else point.grad.contiguous()
+        entry = (point, grad, buffer, group_size)
+        batches.setdefault((point.device, point.dtype, first), []).append(entry)
     for (_, _, first), batch in batches.items():
         _triton_step().psi_sgd_step(batch, first=first, **hyper)
 

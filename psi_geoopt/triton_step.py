@@ -23,7 +23,9 @@ one of them changes. float16/bfloat16 tensors are computed in
 float32, float64 in float64.
 
 The kernel runs on CUDA devices; the tests run it on CPU tensors in Triton's interpreter
-(``TRITON_INTERPRET=1``).
+(``TRITON_INTERPRET=1``). It needs PyTorch >= 2.5, whose
+:func:`torch.autograd.graph.increment_version` takes a list: the tensors it writes are marked
+as modified in place, so that autograd still detects a backward through an outdated graph.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.graph import increment_version
 
 __all__ = ["MAX_ROW", "psi_adam_step", "psi_sgd_step"]
 
@@ -296,6 +299,8 @@ def _launch(entries: list[tuple], values: tuple[float, ...], **flags: bool) -> N
         device,
     )
     longest = max(size for _, size in shapes)
+    # the kernel writes through raw addresses: tell autograd, as PyTorch's in-place ops do
+    increment_version([t for x, _, *others, _ in entries for t in (x, *others) if t is not None])
     _psi_kernel[(rows.shape[0],)](
         rows,
         tensors,

@@ -166,3 +166,20 @@ def test_adam_kernel_bfloat16_close_to_geoopt_loop(kernel):
     reference = run_adam(reference_params, steps=STEPS, amsgrad=True, foreach=False)
     rtol = TOLERANCE[torch.bfloat16]
     assert_same_adam_state(fast, reference, fast_params, reference_params, rtol)
+
+
+@kernel_test
+def test_kernel_marks_what_it_writes_as_modified(kernel):
+    """A backward through a graph that saved a weight before the step fails, as after any
+    in-place update by PyTorch, instead of silently using the new values."""
+    params = on_device(make_params(torch.float32))
+    weight = params[0]
+    loss = (weight.square() * torch.arange(weight.numel(), device=DEVICE).view_as(weight)).sum()
+    optimizer = RiemannianSGD([weight], lr=0.1, momentum=0.9)
+    loss.backward(retain_graph=True)
+    version = weight._version
+    optimizer.step()
+    assert weight._version > version
+    assert optimizer.state[weight]["momentum_buffer"]._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
