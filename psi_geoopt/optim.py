@@ -338,7 +338,7 @@ def _manifold_of(point: torch.Tensor, default: geoopt.Manifold) -> geoopt.Manifo
     ``manifold`` if it has one (a parameter re-created by a wrapper such as FSDP2's
     ``fully_shard``, which keeps a tensor's value but not its class), else ``default``."""
     manifold = getattr(point, "manifold", None)
-    return manifold if isinstance(manifold, geoopt.Manifold) else default
+    return default if manifold is None or not isinstance(manifold, geoopt.Manifold) else manifold
 
 
 def _single_tensor_rsgd(
