@@ -444,21 +444,30 @@ def _multi_tensor_rsgd(
         else:
             other.append(point)
     hyper = dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening, lr=lr)
-    psi = [(*entry, compile is not False and _takes_kernel(*entry)) for entry in psi]
-    if compile is None:
-        compile = sum(p.numel() for p, _, kernel in psi if not kernel) >= AUTO_COMPILE_NUMEL
-    tasks, kernel_tasks, compiled = [], [], []
-    for point, group_size, kernel in psi:
-        buffer = state[point].get("momentum_buffer") if momentum != 0 else None
-        first = momentum != 0 and buffer is None
-        if first:
-            buffer = state[point]["momentum_buffer"] = torch.zeros_like(point)
-        elif buffer is not None and not _local(buffer).is_contiguous():
-            _single_tensor_rsgd([point], state, default_manifold, nesterov=nesterov, **hyper)
-            continue
-        if kernel:
+    kernel_tasks, host = [], []
+    for point, group_size in psi:
+        buffer = None
+        if momentum != 0:
+            param_state = state[point]
+            buffer = param_state.get("momentum_buffer")
+            if buffer is None:
+                buffer = param_state["momentum_buffer"] = torch.zeros_like(point)
+                first = True
+            elif not _local(buffer).is_contiguous():
+                _single_tensor_rsgd([point], state, default_manifold, nesterov=nesterov, **hyper)
+                continue
+            else:
+                first = False
+        else:
+            first = False
+        if compile is not False and _takes_kernel(point, group_size):
             kernel_tasks.append((point, buffer, group_size, first))
-            continue
+        else:
+            host.append((point, buffer, group_size, first))
+    if compile is None:
+        compile = sum(point.numel() for point, *_ in host) >= AUTO_COMPILE_NUMEL
+    tasks, compiled = [], []
+    for point, buffer, group_size, first in host:
         if compile and not first and not _is_dtensor(point):
             compiled.append((point, buffer, group_size))
             continue
@@ -515,8 +524,8 @@ def _kernel_psi_sgd(
     sharded) in the Triton kernel, one launch per device, dtype and ``first`` flag."""
     batches: dict[tuple, list[tuple]] = {}
     for point, buffer, group_size, first in tasks:
-        grad = point.grad if point.grad.is_contiguous() else point.grad.contiguous()
-        entry = (point, grad, buffer, group_size)
+        grad = point.grad
+        entry = (point, grad if grad.is_contiguous() else grad.contiguous(), buffer, group_size)
         batches.setdefault((point.device, point.dtype, first), []).append(entry)
     for (_, _, first), batch in batches.items():
         _triton_step().psi_sgd_step(batch, first=first, **hyper)

@@ -287,12 +287,16 @@ def _launch(entries: list[tuple], values: tuple[float, ...], **flags: bool) -> N
         lambda: numpy.array(values, dtype=compute),
         device,
     )
-    shapes = tuple((entry[0].numel() // entry[-1], entry[-1]) for entry in entries)
+    shapes, addresses, written = [], [], []
+    for x, grad, *others, size in entries:
+        shapes.append((x.numel() // size, size))
+        addresses.append(
+            (x.data_ptr(), grad.data_ptr(), *(0 if t is None else t.data_ptr() for t in others))
+        )
+        written.append(x)
+        written.extend(t for t in others if t is not None)
+    shapes, addresses = tuple(shapes), tuple(addresses)
     rows = _table(("rows", device, shapes), lambda: _row_table(shapes), device)
-    addresses = tuple(
-        (x.data_ptr(), grad.data_ptr(), *(0 if t is None else t.data_ptr() for t in others))
-        for x, grad, *others, _ in entries
-    )
     tensors = _table(
         ("tensors", device, addresses, shapes),
         lambda: _tensor_table(addresses, shapes),
@@ -300,7 +304,7 @@ def _launch(entries: list[tuple], values: tuple[float, ...], **flags: bool) -> N
     )
     longest = max(size for _, size in shapes)
     # the kernel writes through raw addresses: tell autograd, as PyTorch's in-place ops do
-    increment_version([t for x, _, *others, _ in entries for t in (x, *others) if t is not None])
+    increment_version(written)
     _psi_kernel[(rows.shape[0],)](
         rows,
         tensors,
