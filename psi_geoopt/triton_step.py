@@ -1,4 +1,4 @@
-r"""The PSI SGD step of a whole parameter group as one multi-tensor Triton kernel.
+r"""The PSI SGD and Adam steps of a whole parameter group as one multi-tensor Triton kernel.
 
 On a GPU the step of :class:`~psi_geoopt.optim.RiemannianSGD` is bound by memory traffic and
 by kernel launches: PyTorch's eager operations launch a dozen kernels per tensor, and
@@ -15,12 +15,13 @@ group_size)`` view), which
    :math:`b_+ = e_x x + e_u u + e_b b`.
 
 Memory traffic per element is one read of :math:`x, u, b` and one write of :math:`x, b`:
-five tensor passes, fewer than the six of :class:`torch.optim.SGD`'s momentum step. The
-tensors are reached through a table of their addresses (``tensors``: base addresses of
-point, gradient and buffer, row length; ``rows``: tensor index and element offset of every
-row; learning rate, momentum and dampening in the compute dtype), uploaded only when
-one of them changes. float16/bfloat16 tensors are computed in
-float32, float64 in float64.
+five tensor passes, fewer than the eight of the three ``foreach`` operations of
+:class:`torch.optim.SGD`'s momentum step. :func:`psi_adam_step` is the same kernel with the
+group's learning rate formed from its second moment (:func:`psi_geoopt.optim._psi_adam`),
+which it also writes. The tensors are reached through tables (``tensors``: addresses of
+point, gradient, buffer and moments, row length; ``rows``: tensor index and element offset
+of every row; the hyper-parameters in the compute dtype), uploaded only when one of them
+changes. float16/bfloat16 tensors are computed in float32, float64 in float64.
 
 The kernel runs on CUDA devices; the tests run it on CPU tensors in Triton's interpreter
 (``TRITON_INTERPRET=1``). It needs PyTorch >= 2.5, whose
