@@ -524,8 +524,7 @@ def _kernel_psi_sgd(
     sharded) in the Triton kernel, one launch per device, dtype and ``first`` flag."""
     batches: dict[tuple, list[tuple]] = {}
     for point, buffer, group_size, first in tasks:
-        grad = point.grad
-        entry = (point, grad if grad.is_contiguous() else grad.contiguous(), buffer, group_size)
+        entry = (point, point.grad.contiguous(), buffer, group_size)
         batches.setdefault((point.device, point.dtype, first), []).append(entry)
     for (_, _, first), batch in batches.items():
         _triton_step().psi_sgd_step(batch, first=first, **hyper)
@@ -612,16 +611,17 @@ def _psi_adam(
     kernel_batches: dict[tuple, list[tuple]] = {}
     for point, size, state in entries:
         if _takes_kernel(point, size):
-            grad = point.grad if point.grad.is_contiguous() else point.grad.contiguous()
             peak = state["max_exp_avg_sq"] if amsgrad else None
             key = (point.device, point.dtype, state["step"])
             kernel_batches.setdefault(key, []).append(
-                (point, grad, state["exp_avg"], state["exp_avg_sq"], peak, size)
+                (point, point.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], peak, size)
             )
             continue
         x = _rows(point.data, size)
         views = (x, _rows(point.grad, size), *(_rows(state[key], size) for key in moments))
         batches.setdefault((x.device, _compute_dtype(x), state["step"]), []).append(views)
+    for (_, _, step), batch in kernel_batches.items():
+        _triton_step().psi_adam_step(batch, lr=lr, betas=betas, eps=eps, step=step)
     for (_, dtype, step), batch in batches.items():
         work = _working_copies(batch, dtype)
         xp = _algebra_module(work[0][0])
@@ -650,8 +650,6 @@ def _psi_adam(
             for target, value in zip(views[3:], moment.T, strict=True):
                 target.copy_(value.unsqueeze(1).expand_as(target))
         _write_back(batch, work)
-    for (_, _, step), batch in kernel_batches.items():
-        _triton_step().psi_adam_step(batch, lr=lr, betas=betas, eps=eps, step=step)
 
 
 def _algebra_module(tensor: torch.Tensor) -> ModuleType:
