@@ -59,10 +59,11 @@ _STORAGE = {
 @triton.jit
 def _radial_factors(xx, step):
     """:func:`psi_geoopt.optim._radial_factors`: :math:`\\sqrt{s_{xx}}/\\|y\\|` and its
-    difference to 1, without cancellation."""
+    difference to 1, and :math:`\\|y\\|/\\sqrt{s_{xx}} - 1`, without cancellation."""
     radius = tl.sqrt(xx)
     new_radius = tl.sqrt(xx + step)
-    return radius / new_radius, -step / (new_radius * (radius + new_radius))
+    total = radius + new_radius
+    return radius / new_radius, -step / (new_radius * total), step / (radius * total)
 
 
 @triton.jit
@@ -108,14 +109,13 @@ def _psi_kernel(
     xx = tl.sum(sum_xx, 0)
     xu = tl.sum(sum_xu, 0)
     uu = tl.sum(sum_uu, 0)
-    gg = tl.maximum(xx * (xx * uu - xu * xu), 0.0)
+    gradient_norm = tl.maximum(xx * uu - xu * xu, 0.0)  # |g|_g^2, and |g|^2 = s_xx |g|_g^2
+    gg = xx * gradient_norm
     lr = tl.load(hyper)
     if ADAM:  # the group's learning rate from its second moment, with b the first moment
         v_ptr = tl.load(entry + 3).to(tl.pointer_type(STORAGE)) + offset
         beta2 = tl.load(hyper + 3)
-        second = beta2 * tl.load(v_ptr).to(COMPUTE) + tl.load(hyper + 4) * tl.maximum(
-            xx * uu - xu * xu, 0.0
-        )
+        second = beta2 * tl.load(v_ptr).to(COMPUTE) + tl.load(hyper + 4) * gradient_norm
         moment = second
         if AMSGRAD:
             peak_ptr = tl.load(entry + 4).to(tl.pointer_type(STORAGE)) + offset
@@ -153,7 +153,7 @@ def _psi_kernel(
             dd = bb_new
             bd = bb_new
         step = lr * lr * dd
-        scale, shrink = _radial_factors(xx, step)
+        scale, shrink, growth = _radial_factors(xx, step)
         kappa = lr * bd / (xx + step)
         # y = x - lr d; x_+ = scale y; b_+ = b' + kappa y
         y_x = 1.0 - lr * dir_x
@@ -167,10 +167,9 @@ def _psi_kernel(
             u_coeff = scale * y_u
             b_coeff = scale * y_b
         else:  # d = b', so x_+ = (|y| / |x|)(x - lr b_+), from the new buffer
-            growth = step / (tl.sqrt(xx) * (tl.sqrt(xx) + tl.sqrt(xx + step)))
             after_coeff = -lr * (1.0 + growth)
     else:  # d = g
-        scale, shrink = _radial_factors(xx, lr * lr * gg)
+        scale, shrink, _ = _radial_factors(xx, lr * lr * gg)
         x_shift = shrink + scale * lr * xu
         u_coeff = -lr * scale * xx
     for start in range(0, size, BLOCK):
