@@ -8,10 +8,12 @@ over rounds:
   weights on ``PSIManifold(dim=0)``, BatchNorm and classifier parameters Euclidean; fixed
   random gradients): ``torch.optim.SGD(foreach=True)``, geoopt's ``RiemannianSGD`` (its
   per-parameter loop), ``psi_geoopt.optim.RiemannianSGD`` with ``foreach=False`` (the
-  reference loop), the fast path run eagerly (``compile=False``) and compiled
-  (``compile=True``: on CPUs through :func:`torch.compile`, which the default ``compile=None``
-  does for groups of at least ``AUTO_COMPILE_NUMEL`` PSI elements, such as these; on CUDA the
-  Triton kernel of :mod:`psi_geoopt.triton_step`, the default there);
+  reference loop), the fast path run eagerly (``compile=False``), as it runs by default
+  (``compile=None``: on CPUs :func:`torch.compile` for groups of at least
+  ``AUTO_COMPILE_NUMEL`` PSI elements, such as these, and below that the Numba loop of
+  :mod:`psi_geoopt.numba_step` where Numba is installed; on CUDA the Triton kernel of
+  :mod:`psi_geoopt.triton_step`) and compiled (``compile=True``: :func:`torch.compile` on
+  CPUs, the Triton kernel on CUDA);
 - the Adam step on the same shapes: ``torch.optim.Adam(foreach=True)``, geoopt's
   ``RiemannianAdam`` and ``psi_geoopt.optim.RiemannianAdam`` (its fast path);
 - the whole training step (forward, backward, step) of the demo ConvNet (``convnet-bn``) on
@@ -24,6 +26,7 @@ table (``torch.optim.SGD``, ``torch.optim.Adam``).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -89,7 +92,9 @@ class Contender:
     psi: bool
 
 
-def contenders(compile: bool, device: str = "cpu") -> list[Contender]:
+def contenders(compile: bool, device: str = "cpu", default: bool = True) -> list[Contender]:
+    """The SGD variants; ``compile``: with ``compile=True``, ``default``: with the default
+    ``compile=None`` (on large groups on CPU also :func:`torch.compile`)."""
     hyper = dict(lr=LEARNING_RATE, momentum=MOMENTUM)
     entries = [
         Contender("torch SGD foreach", lambda p: torch.optim.SGD(p, foreach=True, **hyper), False),
@@ -97,6 +102,10 @@ def contenders(compile: bool, device: str = "cpu") -> list[Contender]:
         Contender("PSI reference loop", lambda p: RiemannianSGD(p, foreach=False, **hyper), True),
         Contender("PSI fast path eager", lambda p: RiemannianSGD(p, compile=False, **hyper), True),
     ]
+    if default:
+        entries.append(
+            Contender("PSI fast path default", lambda p: RiemannianSGD(p, **hyper), True)
+        )
     if compile:
         label = "PSI fast path kernel" if device.startswith("cuda") else "PSI fast path compiled"
         entries.append(Contender(label, lambda p: RiemannianSGD(p, compile=True, **hyper), True))
@@ -228,11 +237,20 @@ def machine(device: str) -> dict[str, object]:
         "torch": torch.__version__,
         "geoopt": geoopt.__version__,
         "python": platform.python_version(),
+        "numba": _version_of("numba"),
         "device": device,
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _version_of(package: str) -> str | None:
+    """The installed version of ``package``, ``None`` where it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _print_table(title: str, summary: dict[str, dict[str, float]]) -> None:
@@ -276,7 +294,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"momentum {MOMENTUM}, lr {LEARNING_RATE}, {rounds} interleaved rounds, median")
     results: dict[str, object] = {"machine": info, "rounds": rounds, "steps": {}, "adam": {}}
     for model in ("resnet18",) if args.quick else tuple(MODELS):
-        for key, entries in (("steps", contenders(compile, device)), ("adam", adam_contenders())):
+        sgd = contenders(compile, device, default=compile)
+        for key, entries in (("steps", sgd), ("adam", adam_contenders())):
             entry = bench_steps(model, rounds, entries, device)
             results[key][model] = entry
             _print_table(

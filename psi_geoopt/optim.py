@@ -20,13 +20,15 @@ Two implementations of the same SGD step live side by side, as in :mod:`torch.op
 :func:`_single_tensor_rsgd`, the reference loop calling the manifold's operations parameter by
 parameter, and :func:`_multi_tensor_rsgd`, the fast path (``foreach`` ops for the Euclidean
 parameters; for PSI parameters closed forms derived in :func:`_psi_coefficients`: five
-per-group sums and one update per tensor, run eagerly or, for large groups, compiled by
-:func:`torch.compile` into one read pass and one read-write pass; on CUDA one launch of the
-Triton kernel of :mod:`psi_geoopt.triton_step` for all PSI tensors of a group).
+per-group sums and one update per tensor, run eagerly or compiled: on CPU one call per tensor
+of the Numba loop of :mod:`psi_geoopt.numba_step` or, for large groups, :func:`torch.compile`
+into one read pass and one read-write pass; on CUDA one launch of the Triton kernel of
+:mod:`psi_geoopt.triton_step` for all PSI tensors of a group).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import warnings
 from collections.abc import Callable
@@ -35,6 +37,7 @@ from types import ModuleType
 import geoopt
 import numpy
 import torch
+from torch.autograd.graph import increment_version
 
 from .manifold import PSIManifold
 
@@ -91,18 +94,25 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
         sharded along axis 0, each group lives on one rank and the fast path updates the
         local rows without communication.
     compile : bool or None
-        run the fused PSI step as generated code rather than eager PyTorch operations. On
-        CUDA (with Triton, which PyTorch's CUDA builds on Linux bring): one launch of the
-        multi-tensor kernel of :mod:`psi_geoopt.triton_step` per parameter group, for
-        groups of at most ``MAX_ROW`` elements. Elsewhere: :func:`torch.compile`, one graph
-        per parameter group, specialised to its shapes, in which the per-group sums and the
-        update of every tensor are fused (and, where inductor supports it, independent
-        tensors share kernels); compilation happens at the second step and takes tens of
-        seconds; where it fails, the step runs eagerly, with a warning. ``None``
-        (default): the kernel on CUDA, and :func:`torch.compile` for the groups whose fused
-        PSI parameters hold at least :data:`AUTO_COMPILE_NUMEL` elements together, where
-        the compiled step pays off (``benchmarks/RESULTS.md``); ``True``: always;
-        ``False``: never, eager operations everywhere.
+        run the fused PSI step as compiled code rather than eager PyTorch operations.
+        ``None`` (default):
+
+        * on CUDA (with Triton, which PyTorch's CUDA builds on Linux bring): one launch of
+          the multi-tensor kernel of :mod:`psi_geoopt.triton_step` per parameter group, for
+          groups of at most ``MAX_ROW`` elements;
+        * on CPU, for the groups whose fused PSI parameters hold at least
+          :data:`AUTO_COMPILE_NUMEL` elements together: :func:`torch.compile`, one graph per
+          parameter group, specialised to its shapes, in which the per-group sums and the
+          update of every tensor are fused (and, where inductor supports it, independent
+          tensors share kernels); compilation happens at the second step and takes tens of
+          seconds; where it fails, the step runs eagerly, with a warning;
+        * on CPU below that size, with Numba installed (``pip install "psi-geoopt[fast]"``):
+          one call per tensor of the compiled loop of :mod:`psi_geoopt.numba_step` (compiled
+          at the first step and cached on disk). On a small network this is what keeps the
+          step close to :class:`torch.optim.SGD`'s (``benchmarks/RESULTS.md``).
+
+        ``True``: the Triton kernel on CUDA, :func:`torch.compile` elsewhere, for every
+        size. ``False``: never, eager operations everywhere.
     """
 
     def __init__(
@@ -209,7 +219,8 @@ class RiemannianAdam(geoopt.optim.RiemannianAdam):
     momentum :math:`\beta_1`, dampening :math:`\beta_1` and one learning rate per group,
     :math:`\eta / ((1 - \beta_1^t)(\sqrt{v_t / (1 - \beta_2^t)} + \epsilon))`, from five
     per-group sums, the per-group algebra batched across tensors (on CUDA one launch of the
-    Triton kernel of :mod:`psi_geoopt.triton_step`). Euclidean parameters: geoopt's
+    Triton kernel of :mod:`psi_geoopt.triton_step`, on CPU with Numba installed one call per
+    tensor of the compiled loop of :mod:`psi_geoopt.numba_step`). Euclidean parameters: geoopt's
     operations as ``torch._foreach_*`` operations. The state keeps geoopt's format
     (``exp_avg_sq`` holds :math:`v_t` broadcast over each group). Other parameters go
     through geoopt's loop, which also adds the weight decay into their ``p.grad``; the fast
@@ -464,6 +475,7 @@ def _multi_tensor_rsgd(
             kernel_tasks.append((point, buffer, group_size, first))
         else:
             host.append((point, buffer, group_size, first))
+    kernel = compile is not False
     if compile is None:
         compile = sum(point.numel() for point, *_ in host) >= AUTO_COMPILE_NUMEL
     tasks, compiled = [], []
@@ -471,7 +483,7 @@ def _multi_tensor_rsgd(
         if compile and not first and not _is_dtensor(point):
             compiled.append((point, buffer, group_size))
             continue
-        x = _rows(point.data, group_size)
+        x = _rows(point.detach(), group_size)
         if x.shape[0] == 0:  # a rank that holds no group of this parameter
             continue
         buffer = None if buffer is None else _rows(buffer, group_size)
@@ -480,7 +492,7 @@ def _multi_tensor_rsgd(
     # the kernel first: the GPU runs it while the host prepares the other updates
     if kernel_tasks:
         _kernel_psi_sgd(kernel_tasks, **psi_hyper)
-    _psi_sgd(tasks, **psi_hyper)
+    _psi_sgd(tasks, kernel=kernel, **psi_hyper)
     if compiled:
         _compiled_psi_sgd(compiled, **psi_hyper)
     if other:
@@ -489,21 +501,32 @@ def _multi_tensor_rsgd(
         _foreach_euclidean_sgd(euclidean, state, nesterov=nesterov, **hyper)
 
 
-_TRITON: dict[str, ModuleType | None] = {}
+_KERNELS: dict[str, ModuleType | None] = {}
+
+
+def _kernel_module(name: str) -> ModuleType | None:
+    """The kernel module ``psi_geoopt.<name>`` (``triton_step``, ``numba_step``), imported on
+    first use; ``None`` where its compiler is not installed, or for ``triton_step`` with
+    PyTorch < 2.5."""
+    if name not in _KERNELS:
+        module = None
+        if name != "triton_step" or torch.torch_version.TorchVersion(torch.__version__) >= "2.5":
+            try:
+                module = importlib.import_module(f"{__package__}.{name}")
+            except ImportError:
+                pass
+        _KERNELS[name] = module
+    return _KERNELS[name]
 
 
 def _triton_step() -> ModuleType | None:
-    """:mod:`psi_geoopt.triton_step`, imported on first use; ``None`` without Triton or
-    with PyTorch < 2.5."""
-    if "module" not in _TRITON:
-        triton_step = None
-        if torch.torch_version.TorchVersion(torch.__version__) >= "2.5":
-            try:
-                from . import triton_step
-            except ImportError:
-                pass
-        _TRITON["module"] = triton_step
-    return _TRITON["module"]
+    return _kernel_module("triton_step")
+
+
+def _numba_step(xp: ModuleType) -> ModuleType | None:
+    """:mod:`psi_geoopt.numba_step` where it runs: for the NumPy views of CPU tensors
+    (``xp`` NumPy, :func:`_algebra_module`) with Numba installed; else ``None``."""
+    return _kernel_module("numba_step") if xp is numpy else None
 
 
 def _takes_kernel(point: torch.Tensor, group_size: int) -> bool:
@@ -562,27 +585,41 @@ def _foreach_euclidean_sgd(
 
 
 def _psi_sgd(
-    tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]], **hyper
+    tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]],
+    *,
+    kernel: bool = True,
+    **hyper,
 ) -> None:
-    """The eager PSI step on ``(x, grad, buffer, first)`` row views (``buffer`` ``None``
-    without momentum), float16/bfloat16 computed in float32.
+    """The PSI step on ``(x, grad, buffer, first)`` row views (``buffer`` ``None`` without
+    momentum), float16/bfloat16 computed in float32.
 
-    The per-group sums of all tensors of one device, dtype and ``first`` flag are
-    concatenated, so that the per-group scalar algebra of :func:`_psi_coefficients` runs once
-    for all of them; then one in-place update per tensor (:func:`_psi_apply`).
+    On CPU with Numba installed (and ``kernel``): one call of the compiled loop of
+    :mod:`psi_geoopt.numba_step` per tensor. Otherwise eagerly: the per-group sums of all
+    tensors of one device, dtype and ``first`` flag are concatenated, so that the per-group
+    scalar algebra of :func:`_psi_coefficients` runs once for all of them (on CPU both in
+    NumPy, :func:`_algebra_module`); then one in-place update per tensor
+    (:func:`_psi_apply`).
     """
     batches: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
     for x, grad, buffer, first in tasks:
-        dtype = _compute_dtype(x)
-        batches.setdefault((x.device, dtype, first), []).append((x, grad, buffer))
-    for (_, dtype, first), batch in batches.items():
+        batches.setdefault((x.device, x.dtype, first), []).append((x, grad, buffer))
+    for (device, dtype, first), batch in batches.items():
+        xp = _algebra_module(device)
         work = _working_copies(batch, dtype)
-        xp = _algebra_module(work[0][0])
-        sums = _stacked_sums(work, not first and work[0][2] is not None, xp)
+        views = _in_module(work, xp)
+        compiled = _numba_step(xp) if kernel else None
+        if compiled is not None:
+            for x, grad, buffer in views:
+                compiled.psi_sgd_rows(x, grad, buffer, first=first, **hyper)
+            _write_back(batch, work, written_around_autograd=True)
+            continue
+        sums = _stacked_sums(views, not first and views[0][2] is not None, xp)
         coefficients = _as_tensor(_psi_coefficients(sums, xp=xp, first=first, **hyper))
-        pieces = coefficients.split([x.shape[0] for x, _, _ in work])
-        for (x, grad, buffer), piece in zip(work, pieces, strict=True):
-            _psi_apply(x, grad, buffer, piece, first=first, **hyper)
+        start = 0
+        for x, grad, buffer in work:
+            end = start + x.shape[0]
+            _psi_apply(x, grad, buffer, coefficients[start:end], first=first, **hyper)
+            start = end
         _write_back(batch, work)
 
 
@@ -603,7 +640,8 @@ def _psi_adam(
     :math:`\eta / ((1 - \beta_1^t)(\sqrt{\hat v_t / (1 - \beta_2^t)} + \epsilon))`,
     :math:`\hat v_t` the running maximum of :math:`v_t` with ``amsgrad``, else :math:`v_t`.
     Tensors are batched by device, compute dtype and step count; on CUDA each batch is one
-    launch of the Triton kernel (:func:`psi_geoopt.triton_step.psi_adam_step`).
+    launch of the Triton kernel (:func:`psi_geoopt.triton_step.psi_adam_step`), on CPU with
+    Numba installed each tensor one call of :func:`psi_geoopt.numba_step.psi_adam_rows`.
     """
     beta1, beta2 = betas
     moments = _ADAM_MOMENTS[: 3 if amsgrad else 2]
@@ -617,19 +655,34 @@ def _psi_adam(
                 (point, point.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], peak, size)
             )
             continue
-        x = _rows(point.data, size)
+        x = _rows(point.detach(), size)
         views = (x, _rows(point.grad, size), *(_rows(state[key], size) for key in moments))
-        batches.setdefault((x.device, _compute_dtype(x), state["step"]), []).append(views)
+        batches.setdefault((x.device, x.dtype, state["step"]), []).append(views)
     for (_, _, step), batch in kernel_batches.items():
         _triton_step().psi_adam_step(batch, lr=lr, betas=betas, eps=eps, step=step)
-    for (_, dtype, step), batch in batches.items():
+    for (device, dtype, step), batch in batches.items():
+        xp = _algebra_module(device)
         work = _working_copies(batch, dtype)
-        xp = _algebra_module(work[0][0])
-        sums = _stacked_sums(work, True, xp)
-        second = torch.cat([views[3][:, 0] for views in work])
-        peak = torch.cat([views[4][:, 0] for views in work]) if amsgrad else None
-        second = _in_module(second, xp)
-        peak = None if peak is None else _in_module(peak, xp)
+        views = _in_module(work, xp)
+        compiled = _numba_step(xp)
+        if compiled is not None:
+            for x, grad, exp_avg, second, *peak in views:
+                compiled.psi_adam_rows(
+                    x,
+                    grad,
+                    exp_avg,
+                    second,
+                    *(peak or [None]),
+                    lr=lr,
+                    betas=betas,
+                    eps=eps,
+                    step=step,
+                )
+            _write_back(batch, work, written_around_autograd=True)
+            continue
+        sums = _stacked_sums(views, True, xp)
+        second = xp.concatenate([v[3][:, 0] for v in views])
+        peak = xp.concatenate([v[4][:, 0] for v in views]) if amsgrad else None
         xx, xu, uu = sums[:, 0], sums[:, 1], sums[:, 2]
         second = beta2 * second + (1 - beta2) * xp.clip(xx * uu - xu * xu, 0, None)
         if peak is not None:
@@ -639,57 +692,76 @@ def _psi_adam(
         coefficients = _psi_coefficients(
             sums, xp=xp, lr=step_sizes, momentum=beta1, dampening=beta1, nesterov=False, first=False
         )
-        per_group = xp.stack([second] if peak is None else [second, peak], axis=1)
-        coefficients, per_group = _as_tensor(coefficients), _as_tensor(per_group)
-        rows = [views[0].shape[0] for views in work]
-        for views, piece, moment in zip(
-            work, coefficients.split(rows), per_group.split(rows), strict=True
-        ):
-            x, grad, exp_avg = views[:3]
-            _psi_apply(x, grad, exp_avg, piece, nesterov=False, first=False)
-            for target, value in zip(views[3:], moment.T, strict=True):
-                target.copy_(value.unsqueeze(1).expand_as(target))
+        coefficients = _as_tensor(coefficients)
+        per_group = [_as_tensor(second)] if peak is None else [_as_tensor(second), _as_tensor(peak)]
+        start = 0
+        for x, grad, exp_avg, *moment_tensors in work:
+            end = start + x.shape[0]
+            _psi_apply(x, grad, exp_avg, coefficients[start:end], nesterov=False, first=False)
+            for target, value in zip(moment_tensors, per_group, strict=True):
+                target.copy_(value[start:end, None].expand_as(target))
+            start = end
         _write_back(batch, work)
 
 
-def _algebra_module(tensor: torch.Tensor) -> ModuleType:
-    """Where the per-group scalar algebra of :func:`_psi_coefficients` runs: NumPy for CPU
-    tensors (a few dozen operations on vectors of one entry per group, and NumPy's
-    per-operation overhead is a fraction of PyTorch's: on the demo ConvNet 29 instead of
-    89 µs), PyTorch elsewhere (NumPy would need a copy to the host and a synchronization)."""
-    return numpy if tensor.device.type == "cpu" else torch
-
-
-def _in_module(tensor: torch.Tensor, xp: ModuleType):
-    return tensor.numpy() if xp is numpy else tensor
+def _algebra_module(device: torch.device) -> ModuleType:
+    """Where the per-group sums and scalar algebra of the PSI step of tensors on ``device``
+    run (and the compiled loop of :mod:`psi_geoopt.numba_step`): NumPy on views of CPU
+    tensors (the algebra is a few dozen operations on vectors of one entry per group, and
+    NumPy's per-operation overhead is a fraction of PyTorch's), PyTorch elsewhere (NumPy
+    would need a copy to the host and a synchronization)."""
+    return numpy if device.type == "cpu" else torch
 
 
 def _as_tensor(array) -> torch.Tensor:
     return torch.from_numpy(array) if isinstance(array, numpy.ndarray) else array
 
 
+def _in_module(
+    work: list[tuple[torch.Tensor | None, ...]], xp: ModuleType
+) -> list[tuple[torch.Tensor | numpy.ndarray | None, ...]]:
+    """The tensors of ``work`` as NumPy views sharing their memory (``xp`` NumPy), else
+    themselves."""
+    if xp is torch:
+        return work
+    return [tuple(None if t is None else t.numpy() for t in views) for views in work]
+
+
 def _working_copies(
     batch: list[tuple[torch.Tensor | None, ...]], dtype: torch.dtype
 ) -> list[tuple[torch.Tensor | None, ...]]:
-    """The tensors of ``batch`` in the compute ``dtype``: themselves where they have it,
-    float32 copies of float16/bfloat16 ones (written back by :func:`_write_back`)."""
-    return [
-        tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in views) for views in batch
-    ]
+    """The tensors of ``batch``, all of ``dtype``, in the compute dtype: ``batch`` itself for
+    float32 and float64, float32 copies of float16/bfloat16 ones (written back by
+    :func:`_write_back`)."""
+    compute = _compute_dtype(dtype)
+    if compute == dtype:
+        return batch
+    return [tuple(None if t is None else t.to(compute) for t in views) for views in batch]
 
 
 def _write_back(
-    batch: list[tuple[torch.Tensor | None, ...]], work: list[tuple[torch.Tensor | None, ...]]
+    batch: list[tuple[torch.Tensor | None, ...]],
+    work: list[tuple[torch.Tensor | None, ...]],
+    *,
+    written_around_autograd: bool = False,
 ) -> None:
-    """Copy the working copies of :func:`_working_copies` back into the original tensors."""
+    """Copy the working copies of :func:`_working_copies` back into the tensors of ``batch``
+    (the gradient, second of each tuple, is only read). ``written_around_autograd``: the
+    step wrote through NumPy views, so mark the tensors it wrote as modified in place, as
+    PyTorch's in-place operations do, so that autograd still detects a backward through a
+    graph that saved them."""
     for original, computed in zip(batch, work, strict=True):
         for target, source in zip(original, computed, strict=True):
-            if target is not None and source is not target:
+            if target is None or target is original[1]:
+                continue
+            if source is not target:
                 target.copy_(source)
+            elif written_around_autograd:
+                increment_version(target)
 
 
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.float32 if tensor.dtype in _LOW_PRECISION else tensor.dtype
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 def _psi_sums(x: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
@@ -705,28 +777,28 @@ def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=1).square()
 
 
-def _stacked_sums(views: list[tuple[torch.Tensor, ...]], with_buffer: bool, xp: ModuleType):
-    """:func:`_psi_sums` of every ``(x, grad, buffer, ...)`` of ``views``, stacked, in the
-    module ``xp`` of the scalar algebra. In NumPy (CPU) each sum is one call of
+def _stacked_sums(views: list[tuple], with_buffer: bool, xp: ModuleType):
+    """:func:`_psi_sums` of every ``(x, grad, buffer, ...)`` of ``views`` (tensors, or NumPy
+    arrays with ``xp`` NumPy), stacked. In NumPy each sum is one call of
     :func:`numpy.vecdot` into its column, half the per-call cost of PyTorch's (float32 sums
     accumulate in float32, as on GPUs; the norm kept over 3000 steps is tested)."""
     if xp is torch:
         return torch.cat(
             [_psi_sums(x, grad, b if with_buffer else None) for x, grad, b, *_ in views]
         )
-    arrays = [[t.numpy() for t in v[: 3 if with_buffer else 2]] for v in views]
-    dtype = arrays[0][0].dtype
-    sums = numpy.empty((sum(a[0].shape[0] for a in arrays), 5 if with_buffer else 3), dtype)
+    sums = numpy.empty(
+        (sum(v[0].shape[0] for v in views), 5 if with_buffer else 3), views[0][0].dtype
+    )
     start = 0
-    for x, grad, *buffer in arrays:
+    for x, grad, buffer, *_ in views:
         end = start + x.shape[0]
         out = sums[start:end]
         numpy.vecdot(x, x, out=out[:, 0])
         numpy.vecdot(x, grad, out=out[:, 1])
         numpy.vecdot(grad, grad, out=out[:, 2])
         if with_buffer:
-            numpy.vecdot(buffer[0], grad, out=out[:, 3])
-            numpy.vecdot(buffer[0], buffer[0], out=out[:, 4])
+            numpy.vecdot(buffer, grad, out=out[:, 3])
+            numpy.vecdot(buffer, buffer, out=out[:, 4])
         start = end
     return sums
 
@@ -798,57 +870,70 @@ def _psi_coefficients(
     because in float32 the factors themselves round to 1 once :math:`\eta\|d\|_g` is below
     about :math:`3 \cdot 10^{-4}`, and the norm would then creep up step after step.
 
-    Returns a ``(rows, 8)`` matrix with columns :math:`c_x - 1, c_u, c_b, e_x, e_u, e_b`,
-    :math:`\gamma - 1` and :math:`-\eta\gamma`, :math:`\gamma = \sqrt{\|y\|^2 / s_{xx}}`,
-    where :math:`x_+ = c_x x + c_u u + c_b b` and :math:`b_+ = e_x x + e_u u + e_b b`
-    (:math:`b` the buffer before the step; zeros at the first step, absent without momentum,
-    and then :math:`c_b = e_b = 0`), and without Nesterov :math:`x_+ = x + (\gamma - 1) x
-    - \eta\gamma\, b_+`. ``lr`` may be a vector, one learning rate per group
-    (:class:`RiemannianAdam`'s adaptive step).
+    Returns a ``(rows, k)`` matrix of per-group coefficients of the update, in the form
+    :func:`_psi_apply` applies it. With :math:`b_+ = e_x x + e_u u + e_b b`,
+    :math:`x_+ = x + (c_x - 1) x + c_u u + c_b b` and :math:`\gamma = \sqrt{\|y\|^2 / s_{xx}}`
+    its columns are
+
+    * without momentum: :math:`c_x - 1, c_u`;
+    * with momentum: :math:`e_x, e_u, \gamma - 1, -\eta\gamma` and, after the first step,
+      :math:`e_b` (here :math:`x_+ = x + (\gamma - 1) x - \eta\gamma\, b_+`);
+    * with Nesterov: :math:`e_x, e_u, c_x - 1, c_u` and, after the first step, :math:`e_b, c_b`.
+
+    In the buffer's terms :math:`b' = k_b b + k g` (:math:`k_b = \mu, k = 1 - \tau`; at the
+    first step :math:`k_b = 0, k = 1`) and :math:`d = \delta_b b + \delta_g g`, and with
+    :math:`a = \eta\kappa`: :math:`e_b = k_b - a \delta_b`, :math:`e_g = k - a \delta_g`,
+    :math:`e_x = \kappa - e_g s_{xu}`, :math:`e_u = e_g s_{xx}`, :math:`c_b = -\eta\, \delta_b
+    \sqrt{s_{xx}}/\|y\|`, likewise :math:`c_g`, and :math:`c_x - 1 = \sqrt{s_{xx}}/\|y\| - 1
+    - c_g s_{xu}`, :math:`c_u = c_g s_{xx}`. ``lr`` may be a vector, one learning rate per
+    group (:class:`RiemannianAdam`'s adaptive step).
 
     ``sums`` is a tensor with ``xp=torch`` or a NumPy array with ``xp=numpy``
     (:func:`_algebra_module`).
     """
     xx, xu, uu = sums[:, 0], sums[:, 1], sums[:, 2]
-    gg = xp.clip(xx * (xx * uu - xu * xu), 0, None)
-    zero = xp.zeros_like(xx)
+    gg = xx * _positive_part(xx * uu - xu * xu, xp)
     if momentum == 0:  # d = g
-        scale, shrink, growth = _radial_factors(xx, lr * lr * gg, xp)
-        columns = [shrink + scale * lr * xu, -lr * scale * xx, zero, zero, zero, zero]
-        return xp.stack([*columns, growth, zero], axis=1)
-    # b' = keep_b b + keep_u u + keep_x x
+        scale, shrink, _ = _radial_factors(xx, lr * lr * gg, xp)
+        along = -lr * scale
+        return xp.stack([shrink - along * xu, along * xx], axis=1)
     if first:  # b' = g
-        keep_b, keep_u, keep_x = 0.0, xx, -xu
+        keep_b, keep = 0.0, 1.0
         bb_new = bg_new = gg
-    else:
+    else:  # b' = mu b + (1 - tau) g, with <b, g> = s_xx s_bu
+        keep_b, keep = momentum, 1 - dampening
         bg = xx * sums[:, 3]
-        keep = 1 - dampening
-        keep_b, keep_u, keep_x = momentum, keep * xx, -keep * xu
         bb_new = momentum * momentum * sums[:, 4] + 2 * momentum * keep * bg + keep * keep * gg
         bg_new = momentum * bg + keep * gg
-    # d = dir_b b + dir_u u + dir_x x
     if nesterov:  # d = g + mu b'
-        dir_b, dir_u, dir_x = momentum * keep_b, xx + momentum * keep_u, momentum * keep_x - xu
+        direction_b, direction_g = momentum * keep_b, 1 + momentum * keep
         dd = gg + 2 * momentum * bg_new + momentum * momentum * bb_new
         bd = bg_new + momentum * bb_new
-    else:
-        dir_b, dir_u, dir_x = keep_b, keep_u, keep_x
+    else:  # d = b'
+        direction_b, direction_g = keep_b, keep
         dd = bd = bb_new
-    scale, shrink, growth = _radial_factors(xx, lr * lr * dd, xp)
-    kappa = lr * bd / (xx + lr * lr * dd)
-    # y = x - lr d; x_+ = scale y; b_+ = b' + kappa y
-    y_x, y_u, y_b = 1 - lr * dir_x, -lr * dir_u, -lr * dir_b
-    columns = [
-        shrink - scale * lr * dir_x,
-        scale * y_u,
-        zero,
-        keep_x + kappa * y_x,
-        keep_u + kappa * y_u,
-        zero,
-    ]
+    step = lr * lr * dd
+    scale, shrink, growth = _radial_factors(xx, step, xp)
+    kappa = lr * bd / (xx + step)
+    # b_+ = b' + kappa (x - lr d)
+    along_g = keep - lr * kappa * direction_g
+    columns = [kappa - along_g * xu, along_g * xx]
+    if nesterov:  # x_+ = (sqrt(s_xx) / |y|)(x - lr d)
+        along = -lr * scale * direction_g
+        columns += [shrink - along * xu, along * xx]
+    else:
+        columns += [growth, -lr * (1 + growth)]
     if not first:
-        columns[2], columns[5] = scale * y_b, keep_b + kappa * y_b
-    return xp.stack([*columns, growth, -lr * (1 + growth)], axis=1)
+        columns.append(keep_b - lr * kappa * direction_b)
+        if nesterov:
+            columns.append(-lr * scale * direction_b)
+    return xp.stack(columns, axis=1)
+
+
+def _positive_part(values, xp: ModuleType):
+    r""":math:`\max(v, 0)`: a negative value, a rounding error, becomes 0 (NumPy's ``clip``
+    is a slow Python wrapper)."""
+    return numpy.maximum(values, 0) if xp is numpy else values.clamp(min=0)
 
 
 def _radial_factors(
@@ -874,47 +959,45 @@ def _psi_apply(
     first: bool,
     **_,
 ) -> None:
-    """The in-place eager update of one tensor from its rows of :func:`_psi_coefficients`."""
-    x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, growth, b_after = (
-        coefficients.T.unsqueeze(-1).unbind()
-    )
+    """The in-place update of one tensor from its rows of :func:`_psi_coefficients`
+    (``buffer`` zeros at the ``first`` step)."""
+    columns = coefficients.T.unsqueeze(-1).unbind()
     if buffer is None:
+        x_shift, u_coeff = columns
         x.add_(x.mul(x_shift).addcmul_(grad, u_coeff))
-        return
-    if not nesterov:
-        # d = b', so x_+ = (|y| / |x|)(x - lr b_+): update the buffer first, then x from it
+    elif nesterov:
+        bx_coeff, bu_coeff, x_shift, u_coeff, *with_buffer = columns
+        increment = x.mul(x_shift).addcmul_(grad, u_coeff)
         if not first:
+            bb_coeff, b_coeff = with_buffer
+            increment.addcmul_(buffer, b_coeff)
             buffer.mul_(bb_coeff)
         buffer.addcmul_(grad, bu_coeff).addcmul_(x, bx_coeff)
+        x.add_(increment)
+    else:  # the buffer first, then x from it
+        bx_coeff, bu_coeff, growth, b_after, *with_buffer = columns
+        if not first:
+            buffer.mul_(with_buffer[0])
+        buffer.addcmul_(grad, bu_coeff).addcmul_(x, bx_coeff)
         x.addcmul_(x, growth).addcmul_(buffer, b_after)
-        return
-    increment = x.mul(x_shift).addcmul_(grad, u_coeff)
-    if not first:
-        increment.addcmul_(buffer, b_coeff)
-        buffer.mul_(bb_coeff)
-    buffer.addcmul_(grad, bu_coeff).addcmul_(x, bx_coeff)
-    x.add_(increment)
 
 
 def _psi_fused_step(
     x: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None, **hyper
 ) -> None:
-    """One tensor's step (not a buffer's first) on ``(groups, group_size)`` views, written as
-    pure expressions and two copies: the form that :func:`torch.compile` fuses into one
-    reduction pass and one elementwise pass. float16/bfloat16 are computed in float32."""
-    dtype = _compute_dtype(x)
-    point, grad = x.to(dtype), grad.to(dtype)
+    """One tensor's step (not a buffer's first) on ``(groups, group_size)`` views: the sums,
+    the coefficients and :func:`_psi_apply` on copies in the compute dtype (the tensors
+    themselves in float32 and float64), which :func:`torch.compile` fuses into one reduction
+    pass and one elementwise pass. float16/bfloat16 are computed in float32."""
+    dtype = _compute_dtype(x.dtype)
+    point, gradient = x.to(dtype), grad.to(dtype)
     moment = None if buffer is None else buffer.to(dtype)
-    sums = _psi_sums(point, grad, moment)
-    coefficients = _psi_coefficients(sums, first=False, **hyper)
-    x_shift, u_coeff, b_coeff, bx_coeff, bu_coeff, bb_coeff, _, _ = coefficients.T.unsqueeze(
-        -1
-    ).unbind()
-    increment = x_shift * point + u_coeff * grad
-    if buffer is not None:
-        increment = increment + b_coeff * moment
-        buffer.copy_(bx_coeff * point + bu_coeff * grad + bb_coeff * moment)
-    x.copy_(point + increment)
+    coefficients = _psi_coefficients(_psi_sums(point, gradient, moment), first=False, **hyper)
+    _psi_apply(point, gradient, moment, coefficients, first=False, **hyper)
+    if point is not x:
+        x.copy_(point)
+    if moment is not buffer:
+        buffer.copy_(moment)
 
 
 def _psi_fused_steps(
@@ -941,7 +1024,7 @@ def _compiled_psi_sgd(
     """
     batches: dict[tuple[torch.device, torch.dtype], list] = {}
     for entry in entries:
-        batches.setdefault((entry[0].device, _compute_dtype(entry[0])), []).append(entry)
+        batches.setdefault((entry[0].device, _compute_dtype(entry[0].dtype)), []).append(entry)
     for (device, dtype), batch in batches.items():
         # in the compute dtype: a float64 scalar would keep inductor's CPU kernels from
         # vectorizing float32 arithmetic

@@ -244,4 +244,5 @@ def test_bench_quick_writes_ratios(tmp_path):
         assert rows[0]["ratio"] == 1.0
         assert all(row["median_ms"] > 0 for row in rows)
     assert "PSI fast path eager" in results["steps"]["resnet18"]["results"]
+    assert "PSI fast path default" in results["training_step"]["results"]
     assert "PSI RiemannianAdam fast" in results["adam"]["resnet18"]["results"]

@@ -2,7 +2,9 @@
 
 ``foreach=False`` runs the reference per-parameter loop (the manifold's operations); the
 default runs the fused path. Both must follow the same trajectory over many steps, for every
-mix of parameter kinds and hyper-parameters, and share one state format.
+mix of parameter kinds and hyper-parameters, and share one state format. Every test runs
+twice: with the fast path's PSI step on CPU compiled by Numba (:mod:`psi_geoopt.numba_step`)
+and as NumPy operations.
 """
 
 from __future__ import annotations
@@ -30,6 +32,18 @@ CONFIGS = [
     dict(momentum=0.9, nesterov=True, weight_decay=5e-4),
     dict(momentum=0.5, dampening=0.3, weight_decay=1e-3),
 ]
+
+
+@pytest.fixture(autouse=True, params=["numba", "numpy"])
+def cpu_step(request, monkeypatch):
+    """Which implementation runs the fast path's PSI step on CPU: the compiled loop of
+    :mod:`psi_geoopt.numba_step`, or NumPy operations (as without Numba installed)."""
+    if request.param == "numba":
+        if psi_optim._kernel_module("numba_step") is None:
+            pytest.skip("Numba is not installed")
+    else:
+        monkeypatch.setattr(psi_optim, "_numba_step", lambda xp: None)
+    return request.param
 
 
 def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -124,6 +138,27 @@ def test_fast_path_bfloat16_close_to_reference(nesterov):
     )
 
 
+@pytest.mark.parametrize("cpu_step", ["numba"], indirect=True)
+def test_numba_kernel_runs_on_cpu(cpu_step, monkeypatch):
+    """With Numba installed, the PSI parameters of both optimizers take the compiled loop (one
+    call per tensor), and ``compile=False`` keeps RiemannianSGD on eager operations."""
+    from psi_geoopt import numba_step
+
+    calls = []
+    for name in ("psi_sgd_rows", "psi_adam_rows"):
+        original = getattr(numba_step, name)
+        monkeypatch.setattr(
+            numba_step, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
+        )
+    run(make_params(torch.float32), steps=2, momentum=0.9)
+    assert calls.count("psi_sgd_rows") == 2 * 4  # the PSI tensors grouped along axis 0 or whole
+    run_adam(make_params(torch.float32), steps=2)
+    assert calls.count("psi_adam_rows") == 2 * 4
+    calls.clear()
+    run(make_params(torch.float32), steps=2, momentum=0.9, compile=False)
+    assert calls == []
+
+
 def test_fast_path_does_not_modify_gradients():
     params = make_params(torch.float64)
     optimizer = RiemannianSGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)
@@ -201,6 +236,36 @@ def test_fused_step_keeps_norm_and_horizontal_buffer():
         torch.testing.assert_close(rows.norm(dim=1), norm, rtol=1e-12, atol=0)
         cosine = (rows * buffer).sum(1) / (rows.norm(dim=1) * buffer.norm(dim=1))
         assert cosine.abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda params: RiemannianSGD(params, lr=0.1, momentum=0.9),
+        lambda params: RiemannianSGD(params, lr=0.1, momentum=0.9, foreach=False),
+        lambda params: RiemannianAdam(params, lr=0.1),
+        lambda params: RiemannianAdam(params, lr=0.1, foreach=False),
+    ],
+    ids=["sgd", "sgd-reference", "adam", "adam-reference"],
+)
+def test_step_marks_what_it_writes_as_modified(make_optimizer, dtype):
+    """The fast path writes through NumPy views on CPU: a backward through a graph that saved
+    a weight before the step must still fail, as after PyTorch's own in-place updates,
+    instead of silently differentiating at the new values."""
+    weights = [p for p in make_params(dtype)[:2]]
+    optimizer = make_optimizer(weights)
+    for _ in range(2):  # the first step and a later one (they take different branches)
+        loss = sum(
+            (w.square() * torch.arange(w.numel()).to(dtype).view_as(w)).sum() for w in weights
+        )
+        optimizer.zero_grad()
+        loss.backward(retain_graph=True)
+        versions = [w._version for w in weights]
+        optimizer.step()
+        assert all(w._version > v for w, v in zip(weights, versions, strict=True))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -185,11 +185,16 @@ def rayleigh_gradient(weight: torch.Tensor, matrix: torch.Tensor) -> torch.Tenso
 
 
 @pytest.mark.parametrize(
-    ("dtype", "tolerance", "foreach"),
-    [(torch.float64, 1e-9, None), (torch.float32, 1e-5, False), (torch.float32, 1e-5, None)],
-    ids=["float64", "float32_reference_loop", "float32_fast_path"],
+    ("dtype", "tolerance", "foreach", "compile"),
+    [
+        (torch.float64, 1e-9, None, None),
+        (torch.float32, 1e-5, False, None),
+        (torch.float32, 1e-5, None, None),
+        (torch.float32, 1e-5, None, False),
+    ],
+    ids=["float64", "float32_reference_loop", "float32_fast_path", "float32_fast_path_eager"],
 )
-def test_representative_norm_is_kept_over_thousands_of_steps(dtype, tolerance, foreach):
+def test_representative_norm_is_kept_over_thousands_of_steps(dtype, tolerance, foreach, compile):
     """Relative drift of every row's norm after 3000 small steps of stochastic gradient
     descent with Nesterov momentum (a Rayleigh quotient plus gradient noise that keeps every
     step at about 1e-4 rad, where rounding errors would accumulate)."""
@@ -200,7 +205,7 @@ def test_representative_norm_is_kept_over_thousands_of_steps(dtype, tolerance, f
     start = (start * row_scales(6, 3.0, seed=4)).to(dtype)
     (parameter,) = psi_parameters([start])
     optimizer = psi_geoopt.optim.RiemannianSGD(
-        [parameter], lr=0.01, momentum=0.9, nesterov=True, foreach=foreach
+        [parameter], lr=0.01, momentum=0.9, nesterov=True, foreach=foreach, compile=compile
     )
     for _ in range(3000):
         weight = parameter.detach()

@@ -1,0 +1,223 @@
+r"""The PSI SGD and Adam steps of one tensor as one compiled loop over its groups, on CPU.
+
+On CPU the eager step of a small network is bound by per-operation overhead, not by memory
+traffic: for the three convolutions of the demo ConvNet the NumPy path makes about a hundred
+calls (five sums per tensor, some forty operations of per-group algebra, a dozen in-place
+updates), each a microsecond or more, where the arithmetic itself takes a few. Compiled by
+`Numba <https://numba.pydata.org>`_, the whole step of a tensor is one call: for every group
+(row of its ``(groups, group_size)`` view) :func:`_psi_rows`
+
+1. reads the row of :math:`x`, :math:`u = \nabla f(x)` and the buffer :math:`b` once,
+   accumulating :math:`s_{xx}, s_{xu}, s_{uu}, s_{bu}, s_{bb}` in float64;
+2. forms the coefficients of :func:`psi_geoopt.optim._psi_coefficients` (the same closed
+   forms, on float64 scalars);
+3. reads the row again and writes :math:`b_+` and :math:`x_+`, each rounded once to the
+   storage dtype.
+
+It is the CPU twin of the Triton kernel of :mod:`psi_geoopt.triton_step`, and used by
+:class:`~psi_geoopt.optim.RiemannianSGD` and :class:`~psi_geoopt.optim.RiemannianAdam` on CPU
+when Numba is installed (``pip install "psi-geoopt[fast]"``); without it they run the same
+step as NumPy operations. Arrays are float32 or float64 (float16/bfloat16 tensors are
+computed on float32 copies), C-contiguous; the compiled code is cached on disk after the first
+call. Division follows NumPy's rules (``error_model="numpy"``): a zero group gives NaN, as on
+the other paths, instead of raising.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numba
+import numpy
+
+__all__ = ["psi_adam_rows", "psi_sgd_rows"]
+
+
+_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+"""Compiled once and cached on disk; NumPy's division rules; sums reassociated (vectorized),
+multiplications and additions contracted into fused multiply-adds."""
+
+
+@numba.njit(**_OPTIONS)
+def _radial_factors(xx: float, step: float) -> tuple[float, float, float]:
+    """:func:`psi_geoopt.optim._radial_factors` on scalars."""
+    radius = math.sqrt(xx)
+    new_radius = math.sqrt(xx + step)
+    total = radius + new_radius
+    return radius / new_radius, -step / (new_radius * total), step / (radius * total)
+
+
+def _compile_rows(parallel: bool) -> Callable[..., None]:
+    """:func:`_psi_rows` compiled serially or with its groups spread over threads (``rows``
+    is then :func:`numba.prange`; a distinct closure, so that the two are cached apart)."""
+    rows = numba.prange if parallel else range
+
+    @numba.njit(parallel=parallel, **_OPTIONS)
+    def _psi_rows(
+        x: numpy.ndarray,
+        u: numpy.ndarray,
+        b: numpy.ndarray,
+        second: numpy.ndarray,
+        peak: numpy.ndarray,
+        hyper: numpy.ndarray,
+        with_momentum: bool,
+        first: bool,
+        nesterov: bool,
+        adam: bool,
+        amsgrad: bool,
+    ) -> None:
+        r"""The step of every row of ``x`` in place; ``b`` the buffer (ignored without momentum,
+        read as zeros at the ``first`` step), ``second`` and ``peak`` Adam's :math:`v` and its
+        running maximum, broadcast over each row (ignored without ``adam``, ``peak`` without
+        ``amsgrad``). ``hyper``: :math:`\eta, \mu, 1 - \tau` and for Adam
+        :math:`\beta_2, 1 - \beta_2, \epsilon, 1 - \beta_1^t, 1 - \beta_2^t`."""
+        groups, size = x.shape
+        lr, momentum, keep = hyper[0], hyper[1], hyper[2]
+        with_buffer = with_momentum and not first
+        for row in rows(groups):
+            xx = xu = uu = bu = bb = 0.0
+            for i in range(size):
+                xi, ui = float(x[row, i]), float(u[row, i])
+                xx += xi * xi
+                xu += xi * ui
+                uu += ui * ui
+                if with_buffer:
+                    bi = float(b[row, i])
+                    bu += bi * ui
+                    bb += bi * bi
+            gradient_norm = max(xx * uu - xu * xu, 0.0)  # |g|_g^2, and |g|^2 = s_xx |g|_g^2
+            gg = xx * gradient_norm
+            step_size = lr
+            if adam:  # the group's learning rate from its second moment
+                moment = new_second = hyper[3] * second[row, 0] + hyper[4] * gradient_norm
+                if amsgrad:
+                    moment = max(peak[row, 0], new_second)
+                step_size = lr / (hyper[6] * (math.sqrt(moment / hyper[7]) + hyper[5]))
+            if not with_momentum:  # d = g
+                scale, shrink, _ = _radial_factors(xx, step_size * step_size * gg)
+                along = -step_size * scale
+                x_shift, u_coeff = shrink - along * xu, along * xx
+                for i in range(size):
+                    xi = float(x[row, i])
+                    x[row, i] = xi + (x_shift * xi + u_coeff * float(u[row, i]))
+                continue
+            if first:  # b' = g
+                keep_b, keep_g = 0.0, 1.0
+                bb_new = bg_new = gg
+            else:  # b' = mu b + (1 - tau) g, with <b, g> = s_xx s_bu
+                keep_b, keep_g = momentum, keep
+                bg = xx * bu
+                bb_new = momentum * momentum * bb + 2 * momentum * keep * bg + keep * keep * gg
+                bg_new = momentum * bg + keep * gg
+            if nesterov:  # d = g + mu b'
+                direction_b, direction_g = momentum * keep_b, 1 + momentum * keep_g
+                dd = gg + 2 * momentum * bg_new + momentum * momentum * bb_new
+                bd = bg_new + momentum * bb_new
+            else:  # d = b'
+                direction_b, direction_g = keep_b, keep_g
+                dd = bd = bb_new
+            step = step_size * step_size * dd
+            scale, shrink, growth = _radial_factors(xx, step)
+            kappa = step_size * bd / (xx + step)
+            # b_+ = b' + kappa (x - lr d) = bx x + bu u + bb b
+            along_g = keep_g - step_size * kappa * direction_g
+            bx_coeff, bu_coeff = kappa - along_g * xu, along_g * xx
+            bb_coeff = keep_b - step_size * kappa * direction_b
+            # with Nesterov x_+ = (sqrt(s_xx) / |y|)(x - lr d), else x_+ = x + growth x + after b_+
+            along = -step_size * scale * direction_g
+            x_shift, u_coeff = shrink - along * xu, along * xx
+            b_coeff = -step_size * scale * direction_b
+            after = -step_size * (1 + growth)
+            for i in range(size):
+                xi, ui = float(x[row, i]), float(u[row, i])
+                bi = float(b[row, i]) if with_buffer else 0.0
+                buffer = bx_coeff * xi + bu_coeff * ui + bb_coeff * bi
+                if nesterov:
+                    increment = x_shift * xi + u_coeff * ui + b_coeff * bi
+                else:
+                    increment = growth * xi + after * buffer
+                b[row, i] = buffer
+                x[row, i] = xi + increment
+            if adam:  # the moments, broadcast over the group as geoopt stores them
+                second[row, :] = new_second
+                if amsgrad:
+                    peak[row, :] = moment
+
+    return _psi_rows
+
+
+_SERIAL, _PARALLEL = _compile_rows(False), _compile_rows(True)
+
+PARALLEL_NUMEL = 2**15
+"""Size (elements) from which a tensor's groups are spread over threads: below, starting
+them costs more than they save."""
+
+
+def _rows_kernel(x: numpy.ndarray) -> Callable[..., None]:
+    return _PARALLEL if x.size >= PARALLEL_NUMEL else _SERIAL
+
+
+def psi_sgd_rows(
+    x: numpy.ndarray,
+    grad: numpy.ndarray,
+    buffer: numpy.ndarray | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    first: bool,
+) -> None:
+    """The PSI SGD step, in place, of the rows of ``x`` (``(groups, group_size)``) with
+    gradient ``grad`` and momentum ``buffer`` (``None`` without momentum, its content ignored
+    at the ``first`` step): the update of :func:`psi_geoopt.optim._psi_apply` with
+    :func:`psi_geoopt.optim._psi_coefficients`."""
+    _rows_kernel(x)(
+        x,
+        grad,
+        x if buffer is None else buffer,  # a placeholder of the same type, never touched
+        x,
+        x,
+        numpy.array((lr, momentum, 1 - dampening)),
+        momentum != 0,
+        first,
+        nesterov,
+        False,
+        False,
+    )
+
+
+def psi_adam_rows(
+    x: numpy.ndarray,
+    grad: numpy.ndarray,
+    exp_avg: numpy.ndarray,
+    exp_avg_sq: numpy.ndarray,
+    max_exp_avg_sq: numpy.ndarray | None,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    step: int,
+) -> None:
+    r"""The PSI Adam step, in place, of the rows of ``x`` at step ``step``
+    (``max_exp_avg_sq`` ``None`` without AMSGrad): the update of
+    :func:`psi_geoopt.optim._psi_adam`, the SGD step with momentum and dampening
+    :math:`\beta_1` and the group's learning rate
+    :math:`\eta / ((1 - \beta_1^t)(\sqrt{\hat v_t / (1 - \beta_2^t)} + \epsilon))`."""
+    beta1, beta2 = betas
+    _rows_kernel(x)(
+        x,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq,
+        numpy.array(
+            (lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - beta1**step, 1 - beta2**step)
+        ),
+        True,
+        False,
+        False,
+        True,
+        max_exp_avg_sq is not None,
+    )
