@@ -47,7 +47,7 @@ def test_kernel_tests_in_interpreter():
         pytest.skip("the kernel tests run in this process")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
     result = subprocess.run(
-        [*command, "-k", "not interpreter"],
+        [*command, "-k", "not interpreter and not compiles_for_gpus"],
         env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True,
         text=True,
@@ -56,6 +56,57 @@ def test_kernel_tests_in_interpreter():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, summary
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles for GPUs, which the interpreter replaces")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("storage", ["float64", "float32", "bfloat16", "float16"])
+def test_kernel_compiles_for_gpus(capability, storage):
+    """Every variant of the kernel (flags and storage dtypes) compiles to a CUDA binary for
+    Ampere and Hopper, ahead of time and without a GPU, through Triton's NVIDIA backend and
+    the ``ptxas`` it ships: the interpreter, which runs the other tests here on CPU, does not
+    type-check the kernel as the compiler does."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from psi_geoopt.triton_step import _psi_kernel
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton has no NVIDIA backend")
+    compute = "float64" if storage == "float64" else "float32"
+    names = _psi_kernel.arg_names
+    pointers = {
+        "rows": "*i64",
+        "tensors": "*i64",
+        "hyper": "*fp64" if storage == "float64" else "*fp32",
+    }
+    signature = {name: pointers.get(name, "constexpr") for name in names}
+    variants = [
+        dict(MOMENTUM=False, FIRST=False, NESTEROV=False, ADAM=False, AMSGRAD=False),
+        *(
+            dict(MOMENTUM=True, FIRST=first, NESTEROV=nesterov, ADAM=False, AMSGRAD=False)
+            for first in (False, True)
+            for nesterov in (False, True)
+        ),
+        *(
+            dict(MOMENTUM=True, FIRST=False, NESTEROV=False, ADAM=True, AMSGRAD=amsgrad)
+            for amsgrad in (False, True)
+        ),
+    ]
+    for flags in variants:
+        values = {
+            "STORAGE": getattr(tl, storage),
+            "COMPUTE": getattr(tl, compute),
+            "BLOCK": 1024,
+            **flags,
+        }
+        constants = {(names.index(name),): value for name, value in values.items()}
+        source = ASTSource(fn=_psi_kernel, signature=signature, constexprs=constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
+        assert compiled.asm["cubin"], flags
 
 
 @pytest.fixture
