@@ -1,9 +1,10 @@
 r"""The PSI SGD and Adam steps of one tensor as one compiled loop over its groups, on CPU.
 
 On CPU the eager step of a small network is bound by per-operation overhead, not by memory
-traffic: for the three convolutions of the demo ConvNet the NumPy path makes about a hundred
-calls (five sums per tensor, some forty operations of per-group algebra, a dozen in-place
-updates), each a microsecond or more, where the arithmetic itself takes a few. Compiled by
+traffic: for the three convolutions of the demo ConvNet the eager path makes some seventy
+calls (five NumPy sums per tensor, some forty NumPy operations of per-group algebra, a dozen
+PyTorch in-place updates), each a microsecond or more, where the arithmetic itself takes a
+few. Compiled by
 `Numba <https://numba.pydata.org>`_, the whole step of a tensor is one call: for every group
 (row of its ``(groups, group_size)`` view) :func:`_psi_rows`
 
@@ -16,11 +17,11 @@ updates), each a microsecond or more, where the arithmetic itself takes a few. C
 
 It is the CPU twin of the Triton kernel of :mod:`psi_geoopt.triton_step`, and used by
 :class:`~psi_geoopt.optim.RiemannianSGD` and :class:`~psi_geoopt.optim.RiemannianAdam` on CPU
-when Numba is installed (``pip install "psi-geoopt[fast]"``); without it they run the same
-step as NumPy operations. Arrays are float32 or float64 (float16/bfloat16 tensors are
-computed on float32 copies), C-contiguous; the compiled code is cached on disk after the first
-call. Division follows NumPy's rules (``error_model="numpy"``): a zero group gives NaN, as on
-the other paths, instead of raising.
+when Numba is installed (the extra ``fast``); without it they run the same step eagerly.
+Arrays are float32 or float64 (float16/bfloat16 tensors are computed on float32 copies),
+C-contiguous; the compiled code is cached on disk after the first call. Division follows
+NumPy's rules (``error_model="numpy"``): a zero group gives NaN, as on the other paths,
+instead of raising.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
           update of every tensor are fused (and, where inductor supports it, independent
           tensors share kernels); compilation happens at the second step and takes tens of
           seconds; where it fails, the step runs eagerly, with a warning;
-        * on CPU below that size, with Numba installed (``pip install "psi-geoopt[fast]"``):
+        * on CPU below that size, with Numba installed (the extra ``fast``):
           one call per tensor of the compiled loop of :mod:`psi_geoopt.numba_step` (compiled
           at the first step and cached on disk). On a small network this is what keeps the
           step close to :class:`torch.optim.SGD`'s (``benchmarks/RESULTS.md``).
