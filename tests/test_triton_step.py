@@ -161,15 +161,15 @@ def test_kernel_follows_reference(kernel, dtype, config):
 
 
 @kernel_test
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_kernel_bfloat16_close_to_reference(kernel, nesterov):
-    """bfloat16 tensors, computed in float32 and rounded once per step."""
-    fast_params = on_device(make_params(torch.bfloat16))
-    reference_params = on_device(make_params(torch.bfloat16))
+def test_kernel_half_precision_close_to_reference(kernel, nesterov, dtype):
+    """bfloat16 and float16 tensors, computed in float32 and rounded once per step."""
+    fast_params = on_device(make_params(dtype))
+    reference_params = on_device(make_params(dtype))
     fast = run(fast_params, steps=STEPS, momentum=0.9, nesterov=nesterov)
     reference = run(reference_params, steps=STEPS, foreach=False, momentum=0.9, nesterov=nesterov)
-    rtol = TOLERANCE[torch.bfloat16]
-    assert_same_trajectory(fast, reference, fast_params, reference_params, rtol)
+    assert_same_trajectory(fast, reference, fast_params, reference_params, TOLERANCE[dtype])
 
 
 @kernel_test
@@ -211,13 +211,13 @@ def test_adam_kernel_follows_geoopt_loop(kernel, dtype, config):
 
 
 @kernel_test
-def test_adam_kernel_bfloat16_close_to_geoopt_loop(kernel):
-    fast_params = on_device(make_params(torch.bfloat16))
-    reference_params = on_device(make_params(torch.bfloat16))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adam_kernel_half_precision_close_to_geoopt_loop(kernel, dtype):
+    fast_params = on_device(make_params(dtype))
+    reference_params = on_device(make_params(dtype))
     fast = run_adam(fast_params, steps=STEPS, amsgrad=True)
     reference = run_adam(reference_params, steps=STEPS, amsgrad=True, foreach=False)
-    rtol = TOLERANCE[torch.bfloat16]
-    assert_same_adam_state(fast, reference, fast_params, reference_params, rtol)
+    assert_same_adam_state(fast, reference, fast_params, reference_params, TOLERANCE[dtype])
 
 
 @kernel_test
