@@ -151,8 +151,9 @@ def _compile_rows(parallel: bool) -> Callable[..., None]:
 _SERIAL, _PARALLEL = _compile_rows(False), _compile_rows(True)
 
 PARALLEL_NUMEL = 2**15
-"""Size (elements) from which a tensor's groups are spread over threads: below, starting
-them costs more than they save."""
+"""Size (elements) from which a tensor's groups are spread over threads. On 2 cores, float32,
+momentum: at 2^12 elements both take 7 µs, at 2^15 the threads take 18 µs against 31 µs;
+below, waking threads costs about what they save, and more on a loaded machine."""
 
 
 def _rows_kernel(x: numpy.ndarray) -> Callable[..., None]:

@@ -124,54 +124,48 @@ def _psi_kernel(
         lr = lr / (tl.load(hyper + 6) * denominator)
     if MOMENTUM:
         momentum = tl.load(hyper + 1)
-        # b' = keep_b b + keep_u u + keep_x x; at the first step b' = g
-        if FIRST:
+        if FIRST:  # b' = g
             keep_b = 0.0
-            keep = 1.0
+            keep_g = 1.0
             bb_new = gg
             bg_new = gg
-        else:
+        else:  # b' = mu b + (1 - tau) g, with <b, g> = s_xx s_bu
             keep_b = momentum
-            keep = tl.load(hyper + 2)
+            keep_g = tl.load(hyper + 2)
             bg = xx * tl.sum(sum_bu, 0)
-            bb_new = momentum * momentum * tl.sum(sum_bb, 0) + 2.0 * momentum * keep * bg
-            bb_new += keep * keep * gg
-            bg_new = momentum * bg + keep * gg
-        keep_u = keep * xx
-        keep_x = -keep * xu
-        # d = dir_b b + dir_u u + dir_x x
-        if NESTEROV:
-            dir_b = momentum * keep_b
-            dir_u = xx + momentum * keep_u
-            dir_x = momentum * keep_x - xu
+            bb_new = momentum * momentum * tl.sum(sum_bb, 0) + 2.0 * momentum * keep_g * bg
+            bb_new += keep_g * keep_g * gg
+            bg_new = momentum * bg + keep_g * gg
+        if NESTEROV:  # d = g + mu b'
+            direction_b = momentum * keep_b
+            direction_g = 1.0 + momentum * keep_g
             dd = gg + 2.0 * momentum * bg_new + momentum * momentum * bb_new
             bd = bg_new + momentum * bb_new
-        else:
-            dir_b = keep_b
-            dir_u = keep_u
-            dir_x = keep_x
+        else:  # d = b'
+            direction_b = keep_b
+            direction_g = keep_g
             dd = bb_new
             bd = bb_new
         step = lr * lr * dd
         scale, shrink, growth = _radial_factors(xx, step)
         kappa = lr * bd / (xx + step)
-        # y = x - lr d; x_+ = scale y; b_+ = b' + kappa y
-        y_x = 1.0 - lr * dir_x
-        y_u = -lr * dir_u
-        y_b = -lr * dir_b
-        bx_coeff = keep_x + kappa * y_x
-        bu_coeff = keep_u + kappa * y_u
-        bb_coeff = keep_b + kappa * y_b
-        if NESTEROV:
-            x_shift = shrink - scale * lr * dir_x
-            u_coeff = scale * y_u
-            b_coeff = scale * y_b
-        else:  # d = b', so x_+ = (|y| / |x|)(x - lr b_+), from the new buffer
+        # b_+ = b' + kappa (x - lr d) = bx x + bu u + bb b
+        along_g = keep_g - lr * kappa * direction_g
+        bx_coeff = kappa - along_g * xu
+        bu_coeff = along_g * xx
+        bb_coeff = keep_b - lr * kappa * direction_b
+        if NESTEROV:  # x_+ = (sqrt(s_xx) / |y|)(x - lr d)
+            along = -lr * scale * direction_g
+            x_shift = shrink - along * xu
+            u_coeff = along * xx
+            b_coeff = -lr * scale * direction_b
+        else:  # x_+ = x + growth x + after b_+, from the new buffer
             after_coeff = -lr * (1.0 + growth)
     else:  # d = g
         scale, shrink, _ = _radial_factors(xx, lr * lr * gg)
-        x_shift = shrink + scale * lr * xu
-        u_coeff = -lr * scale * xx
+        along = -lr * scale
+        x_shift = shrink - along * xu
+        u_coeff = along * xx
     for start in range(0, size, BLOCK):
         index = start + lanes
         mask = index < size
