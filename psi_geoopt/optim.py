@@ -422,10 +422,6 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if _is_dtensor(tensor) else tensor
 
 
-def _rows(tensor: torch.Tensor, group_size: int) -> torch.Tensor:
-    return _local(tensor).reshape(-1, group_size)
-
-
 def _multi_tensor_rsgd(
     params: list[torch.Tensor],
     state: dict,
@@ -483,11 +479,11 @@ def _multi_tensor_rsgd(
         if compile and not first and not _is_dtensor(point):
             compiled.append((point, buffer, group_size))
             continue
-        x = _rows(point.detach(), group_size)
-        if x.shape[0] == 0:  # a rank that holds no group of this parameter
+        x = _local(point.detach())
+        if x.numel() == 0:  # a rank that holds no group of this parameter
             continue
-        buffer = None if buffer is None else _rows(buffer, group_size)
-        tasks.append((x, _rows(point.grad, group_size), buffer, first))
+        buffer = None if buffer is None else _local(buffer)
+        tasks.append((x, _local(point.grad), buffer, group_size, first))
     psi_hyper = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
     # the kernel first: the GPU runs it while the host prepares the other updates
     if kernel_tasks:
@@ -585,13 +581,13 @@ def _foreach_euclidean_sgd(
 
 
 def _psi_sgd(
-    tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]],
+    tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, bool]],
     *,
     kernel: bool = True,
     **hyper,
 ) -> None:
-    """The PSI step on ``(x, grad, buffer, first)`` row views (``buffer`` ``None`` without
-    momentum), float16/bfloat16 computed in float32.
+    """The PSI step on ``(x, grad, buffer, group_size, first)`` entries (``x`` and ``buffer``
+    contiguous, ``buffer`` ``None`` without momentum), float16/bfloat16 computed in float32.
 
     On CPU with Numba installed (and ``kernel``): one call of the compiled loop of
     :mod:`psi_geoopt.numba_step` per tensor. Otherwise eagerly: the per-group sums of all
@@ -600,13 +596,15 @@ def _psi_sgd(
     NumPy, :func:`_algebra_module`); then one in-place update per tensor
     (:func:`_psi_apply`).
     """
-    batches: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
-    for x, grad, buffer, first in tasks:
-        batches.setdefault((x.device, x.dtype, first), []).append((x, grad, buffer))
-    for (device, dtype, first), batch in batches.items():
+    batches: dict[tuple, tuple[list[tuple[torch.Tensor | None, ...]], list[int]]] = {}
+    for x, grad, buffer, size, first in tasks:
+        batch, sizes = batches.setdefault((x.device, x.dtype, first), ([], []))
+        batch.append((x, grad, buffer))
+        sizes.append(size)
+    for (device, dtype, first), (batch, sizes) in batches.items():
         xp = _algebra_module(device)
         work = _working_copies(batch, dtype)
-        views = _in_module(work, xp)
+        views = _row_views(work, sizes, xp)
         compiled = _numba_step(xp) if kernel else None
         if compiled is not None:
             for x, grad, buffer in views:
@@ -616,7 +614,7 @@ def _psi_sgd(
         sums = _stacked_sums(views, not first and views[0][2] is not None, xp)
         coefficients = _as_tensor(_psi_coefficients(sums, xp=xp, first=first, **hyper))
         start = 0
-        for x, grad, buffer in work:
+        for x, grad, buffer in _row_views(work, sizes, torch):
             end = start + x.shape[0]
             _psi_apply(x, grad, buffer, coefficients[start:end], first=first, **hyper)
             start = end
@@ -645,7 +643,7 @@ def _psi_adam(
     """
     beta1, beta2 = betas
     moments = _ADAM_MOMENTS[: 3 if amsgrad else 2]
-    batches: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+    batches: dict[tuple, tuple[list[tuple[torch.Tensor, ...]], list[int]]] = {}
     kernel_batches: dict[tuple, list[tuple]] = {}
     for point, size, state in entries:
         if _takes_kernel(point, size):
@@ -655,15 +653,15 @@ def _psi_adam(
                 (point, point.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], peak, size)
             )
             continue
-        x = _rows(point.detach(), size)
-        views = (x, _rows(point.grad, size), *(_rows(state[key], size) for key in moments))
-        batches.setdefault((x.device, x.dtype, state["step"]), []).append(views)
+        batch, sizes = batches.setdefault((point.device, point.dtype, state["step"]), ([], []))
+        batch.append((point.detach(), point.grad, *(state[key] for key in moments)))
+        sizes.append(size)
     for (_, _, step), batch in kernel_batches.items():
         _triton_step().psi_adam_step(batch, lr=lr, betas=betas, eps=eps, step=step)
-    for (device, dtype, step), batch in batches.items():
+    for (device, dtype, step), (batch, sizes) in batches.items():
         xp = _algebra_module(device)
         work = _working_copies(batch, dtype)
-        views = _in_module(work, xp)
+        views = _row_views(work, sizes, xp)
         compiled = _numba_step(xp)
         if compiled is not None:
             for x, grad, exp_avg, second, *peak in views:
@@ -684,7 +682,7 @@ def _psi_adam(
         second = xp.concatenate([v[3][:, 0] for v in views])
         peak = xp.concatenate([v[4][:, 0] for v in views]) if amsgrad else None
         xx, xu, uu = sums[:, 0], sums[:, 1], sums[:, 2]
-        second = beta2 * second + (1 - beta2) * xp.clip(xx * uu - xu * xu, 0, None)
+        second = beta2 * second + (1 - beta2) * _positive_part(xx * uu - xu * xu, xp)
         if peak is not None:
             peak = xp.maximum(peak, second)
         denominator = xp.sqrt((second if peak is None else peak) / (1 - beta2**step)) + eps
@@ -695,7 +693,7 @@ def _psi_adam(
         coefficients = _as_tensor(coefficients)
         per_group = [_as_tensor(second)] if peak is None else [_as_tensor(second), _as_tensor(peak)]
         start = 0
-        for x, grad, exp_avg, *moment_tensors in work:
+        for x, grad, exp_avg, *moment_tensors in _row_views(work, sizes, torch):
             end = start + x.shape[0]
             _psi_apply(x, grad, exp_avg, coefficients[start:end], nesterov=False, first=False)
             for target, value in zip(moment_tensors, per_group, strict=True):
@@ -717,14 +715,22 @@ def _as_tensor(array) -> torch.Tensor:
     return torch.from_numpy(array) if isinstance(array, numpy.ndarray) else array
 
 
-def _in_module(
-    work: list[tuple[torch.Tensor | None, ...]], xp: ModuleType
+def _row_views(
+    work: list[tuple[torch.Tensor | None, ...]], sizes: list[int], xp: ModuleType
 ) -> list[tuple[torch.Tensor | numpy.ndarray | None, ...]]:
-    """The tensors of ``work`` as NumPy views sharing their memory (``xp`` NumPy), else
-    themselves."""
-    if xp is torch:
-        return work
-    return [tuple(None if t is None else t.numpy() for t in views) for views in work]
+    """The tensors of each tuple of ``work`` as ``(groups, size)`` rows, ``size`` the tuple's
+    entry of ``sizes``: NumPy arrays sharing their memory (``xp`` NumPy; reshaped in NumPy,
+    a fraction of PyTorch's per-call cost), else tensor views (a non-contiguous gradient
+    is copied)."""
+    if xp is numpy:
+        return [
+            tuple(None if t is None else t.numpy().reshape(-1, size) for t in tensors)
+            for tensors, size in zip(work, sizes, strict=True)
+        ]
+    return [
+        tuple(None if t is None else t.reshape(-1, size) for t in tensors)
+        for tensors, size in zip(work, sizes, strict=True)
+    ]
 
 
 def _working_copies(
