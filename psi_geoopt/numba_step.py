@@ -156,14 +156,8 @@ momentum: at 2^12 elements both take 7 µs, at 2^15 the threads take 18 µs agai
 below, waking threads costs about what they save, and more on a loaded machine."""
 
 
-def _rows_kernel(x: numpy.ndarray) -> Callable[..., None]:
-    return _PARALLEL if x.size >= PARALLEL_NUMEL else _SERIAL
-
-
 def psi_sgd_rows(
-    x: numpy.ndarray,
-    grad: numpy.ndarray,
-    buffer: numpy.ndarray | None,
+    entries: list[tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray | None]],
     *,
     lr: float,
     momentum: float,
@@ -171,55 +165,36 @@ def psi_sgd_rows(
     nesterov: bool,
     first: bool,
 ) -> None:
-    """The PSI SGD step, in place, of the rows of ``x`` (``(groups, group_size)``) with
-    gradient ``grad`` and momentum ``buffer`` (``None`` without momentum, its content ignored
-    at the ``first`` step): the update of :func:`psi_geoopt.optim._psi_apply` with
+    """The PSI SGD step, in place, of ``(x, grad, buffer)`` entries: the rows of ``x``
+    (``(groups, group_size)``) with gradient ``grad`` and momentum ``buffer`` (``None``
+    without momentum, its content ignored at the ``first`` step); one call per entry. The
+    update of :func:`psi_geoopt.optim._psi_apply` with
     :func:`psi_geoopt.optim._psi_coefficients`."""
-    _rows_kernel(x)(
-        x,
-        grad,
-        x if buffer is None else buffer,  # a placeholder of the same type, never touched
-        x,
-        x,
-        numpy.array((lr, momentum, 1 - dampening)),
-        momentum != 0,
-        first,
-        nesterov,
-        False,
-        False,
-    )
+    hyper = numpy.array((lr, momentum, 1 - dampening))
+    flags = (momentum != 0, first, nesterov, False, False)
+    for x, grad, buffer in entries:  # absent arrays are passed as x, never touched
+        kernel = _PARALLEL if x.size >= PARALLEL_NUMEL else _SERIAL
+        kernel(x, grad, x if buffer is None else buffer, x, x, hyper, *flags)
 
 
 def psi_adam_rows(
-    x: numpy.ndarray,
-    grad: numpy.ndarray,
-    exp_avg: numpy.ndarray,
-    exp_avg_sq: numpy.ndarray,
-    max_exp_avg_sq: numpy.ndarray | None,
+    entries: list[tuple[numpy.ndarray, ...]],
     *,
     lr: float,
     betas: tuple[float, float],
     eps: float,
     step: int,
 ) -> None:
-    r"""The PSI Adam step, in place, of the rows of ``x`` at step ``step``
-    (``max_exp_avg_sq`` ``None`` without AMSGrad): the update of
+    r"""The PSI Adam step, in place, of ``(x, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq])``
+    entries (the last with AMSGrad) at step ``step``: the update of
     :func:`psi_geoopt.optim._psi_adam`, the SGD step with momentum and dampening
     :math:`\beta_1` and the group's learning rate
     :math:`\eta / ((1 - \beta_1^t)(\sqrt{\hat v_t / (1 - \beta_2^t)} + \epsilon))`."""
     beta1, beta2 = betas
-    _rows_kernel(x)(
-        x,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq,
-        numpy.array(
-            (lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - beta1**step, 1 - beta2**step)
-        ),
-        True,
-        False,
-        False,
-        True,
-        max_exp_avg_sq is not None,
+    hyper = numpy.array(
+        (lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - beta1**step, 1 - beta2**step)
     )
+    for x, grad, exp_avg, second, *peak in entries:
+        kernel = _PARALLEL if x.size >= PARALLEL_NUMEL else _SERIAL
+        maximum = peak[0] if peak else second
+        kernel(x, grad, exp_avg, second, maximum, hyper, True, False, False, True, bool(peak))

@@ -607,8 +607,7 @@ def _psi_sgd(
         views = _row_views(work, sizes, xp)
         compiled = _numba_step(xp) if kernel else None
         if compiled is not None:
-            for x, grad, buffer in views:
-                compiled.psi_sgd_rows(x, grad, buffer, first=first, **hyper)
+            compiled.psi_sgd_rows(views, first=first, **hyper)
             _write_back(batch, work, written_around_autograd=True)
             continue
         sums = _stacked_sums(views, not first and views[0][2] is not None, xp)
@@ -664,18 +663,7 @@ def _psi_adam(
         views = _row_views(work, sizes, xp)
         compiled = _numba_step(xp)
         if compiled is not None:
-            for x, grad, exp_avg, second, *peak in views:
-                compiled.psi_adam_rows(
-                    x,
-                    grad,
-                    exp_avg,
-                    second,
-                    *(peak or [None]),
-                    lr=lr,
-                    betas=betas,
-                    eps=eps,
-                    step=step,
-                )
+            compiled.psi_adam_rows(views, lr=lr, betas=betas, eps=eps, step=step)
             _write_back(batch, work, written_around_autograd=True)
             continue
         sums = _stacked_sums(views, True, xp)
