@@ -295,6 +295,11 @@ def run(args: argparse.Namespace) -> int:
     compile = not (args.quick or args.no_compile)
     info = machine(device)
     print("machine: " + ", ".join(f"{key}={value}" for key, value in info.items()))
+    if device == "cpu" and info["numba"] is None:
+        print(
+            "note: Numba is not installed, so the default fast path runs the PSI step of small "
+            "models eagerly (pip install the extra 'fast' for its compiled loop)"
+        )
     print(f"momentum {MOMENTUM}, lr {LEARNING_RATE}, {rounds} interleaved rounds, median")
     results: dict[str, object] = {"machine": info, "rounds": rounds, "steps": {}, "adam": {}}
     for model in ("resnet18",) if args.quick else tuple(MODELS):
