@@ -79,12 +79,12 @@ def _compile_rows(parallel: bool) -> Callable[..., None]:
         for row in rows(groups):
             xx = xu = uu = bu = bb = 0.0
             for i in range(size):
-                xi, ui = float(x[row, i]), float(u[row, i])
+                xi, ui = numpy.float64(x[row, i]), numpy.float64(u[row, i])
                 xx += xi * xi
                 xu += xi * ui
                 uu += ui * ui
                 if with_buffer:
-                    bi = float(b[row, i])
+                    bi = numpy.float64(b[row, i])
                     bu += bi * ui
                     bb += bi * bi
             gradient_norm = max(xx * uu - xu * xu, 0.0)  # |g|_g^2, and |g|^2 = s_xx |g|_g^2
@@ -100,8 +100,8 @@ def _compile_rows(parallel: bool) -> Callable[..., None]:
                 along = -step_size * scale
                 x_shift, u_coeff = shrink - along * xu, along * xx
                 for i in range(size):
-                    xi = float(x[row, i])
-                    x[row, i] = xi + (x_shift * xi + u_coeff * float(u[row, i]))
+                    xi = numpy.float64(x[row, i])
+                    x[row, i] = xi + (x_shift * xi + u_coeff * numpy.float64(u[row, i]))
                 continue
             if first:  # b' = g
                 keep_b, keep_g = 0.0, 1.0
@@ -131,8 +131,8 @@ def _compile_rows(parallel: bool) -> Callable[..., None]:
             b_coeff = -step_size * scale * direction_b
             after = -step_size * (1 + growth)
             for i in range(size):
-                xi, ui = float(x[row, i]), float(u[row, i])
-                bi = float(b[row, i]) if with_buffer else 0.0
+                xi, ui = numpy.float64(x[row, i]), numpy.float64(u[row, i])
+                bi = numpy.float64(b[row, i]) if with_buffer else 0.0
                 buffer = bx_coeff * xi + bu_coeff * ui + bb_coeff * bi
                 if nesterov:
                     increment = x_shift * xi + u_coeff * ui + b_coeff * bi

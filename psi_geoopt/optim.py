@@ -21,8 +21,8 @@ Two implementations of the same SGD step live side by side, as in :mod:`torch.op
 parameter, and :func:`_multi_tensor_rsgd`, the fast path (``foreach`` ops for the Euclidean
 parameters; for PSI parameters closed forms derived in :func:`_psi_coefficients`: five
 per-group sums and one update per tensor, run eagerly or compiled: on CPU one call per tensor
-of the Numba loop of :mod:`psi_geoopt.numba_step` or, for large groups, :func:`torch.compile`
-into one read pass and one read-write pass; on CUDA one launch of the Triton kernel of
+of the Numba loop of :mod:`psi_geoopt.numba_step`, or :func:`torch.compile` into one read
+pass and one read-write pass; on CUDA one launch of the Triton kernel of
 :mod:`psi_geoopt.triton_step` for all PSI tensors of a group).
 """
 
@@ -49,7 +49,9 @@ except ImportError:  # torch built without distributed support
 __all__ = ["RiemannianAdam", "RiemannianSGD"]
 
 AUTO_COMPILE_NUMEL = 2**20
-"""Size (elements of fused PSI parameters in one group) from which ``compile=None`` compiles."""
+"""Size (elements of fused PSI parameters in one group) from which ``compile=None`` runs the
+PSI step through :func:`torch.compile` where no kernel of its own takes it (on CPU without
+Numba, on devices other than CUDA)."""
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -94,22 +96,23 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
         sharded along axis 0, each group lives on one rank and the fast path updates the
         local rows without communication.
     compile : bool or None
-        run the fused PSI step as compiled code rather than eager PyTorch operations.
-        ``None`` (default):
+        run the fused PSI step as compiled code rather than eager operations. ``None``
+        (default):
 
         * on CUDA (with Triton, which PyTorch's CUDA builds on Linux bring): one launch of
           the multi-tensor kernel of :mod:`psi_geoopt.triton_step` per parameter group, for
           groups of at most ``MAX_ROW`` elements;
-        * on CPU, for the groups whose fused PSI parameters hold at least
+        * on CPU with Numba installed (the extra ``fast``): one call per tensor of the
+          compiled loop of :mod:`psi_geoopt.numba_step` (compiled at the first step and
+          cached on disk), the fastest CPU path at every size measured, from the demo
+          ConvNet to ResNet-50 (``benchmarks/RESULTS.md``);
+        * elsewhere, for the groups whose fused PSI parameters hold at least
           :data:`AUTO_COMPILE_NUMEL` elements together: :func:`torch.compile`, one graph per
           parameter group, specialised to its shapes, in which the per-group sums and the
           update of every tensor are fused (and, where inductor supports it, independent
           tensors share kernels); compilation happens at the second step and takes tens of
-          seconds; where it fails, the step runs eagerly, with a warning;
-        * on CPU below that size, with Numba installed (the extra ``fast``):
-          one call per tensor of the compiled loop of :mod:`psi_geoopt.numba_step` (compiled
-          at the first step and cached on disk). On a small network this is what keeps the
-          step close to :class:`torch.optim.SGD`'s (``benchmarks/RESULTS.md``).
+          seconds; where it fails, the step runs eagerly, with a warning. Smaller groups run
+          eagerly.
 
         ``True``: the Triton kernel on CUDA, :func:`torch.compile` elsewhere, for every
         size. ``False``: never, eager operations everywhere.
@@ -472,11 +475,17 @@ def _multi_tensor_rsgd(
         else:
             host.append((point, buffer, group_size, first))
     kernel = compile is not False
+    # compile=None: the Numba loop on CPU where installed, else torch.compile for large groups
+    numba_on_cpu = compile is None and _kernel_module("numba_step") is not None
     if compile is None:
-        compile = sum(point.numel() for point, *_ in host) >= AUTO_COMPILE_NUMEL
+        compile = (
+            sum(p.numel() for p, *_ in host if not (numba_on_cpu and p.device.type == "cpu"))
+            >= AUTO_COMPILE_NUMEL
+        )
     tasks, compiled = [], []
     for point, buffer, group_size, first in host:
-        if compile and not first and not _is_dtensor(point):
+        by_numba = numba_on_cpu and point.device.type == "cpu"
+        if compile and not first and not by_numba and not _is_dtensor(point):
             compiled.append((point, buffer, group_size))
             continue
         x = _local(point.detach())

@@ -160,6 +160,24 @@ def test_numba_kernel_runs_on_cpu(cpu_step, monkeypatch):
     assert shapes == []
 
 
+@pytest.mark.parametrize("cpu_step", ["numba"], indirect=True)
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_numba_kernel_sums_in_float64(cpu_step, scale):
+    """The compiled loop forms the per-group sums in float64: float32 groups whose squares
+    overflow or underflow float32 (entries around 1e±20) take the steps of float64 ones."""
+    trajectories = []
+    for dtype in (torch.float32, torch.float64):
+        params = make_params(dtype)[:2]
+        with torch.no_grad():
+            for p in params:
+                p.mul_(scale)
+        run(params, momentum=0.9)
+        trajectories.append(params)
+    for single, double in zip(*trajectories, strict=True):
+        assert torch.isfinite(single).all()
+        assert relative_error(single, double) <= TOLERANCE[torch.float32]
+
+
 def test_fast_path_does_not_modify_gradients():
     params = make_params(torch.float64)
     optimizer = RiemannianSGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)
