@@ -4,7 +4,7 @@ On CPU the eager step of a small network is bound by per-operation overhead, not
 traffic: for the three convolutions of the demo ConvNet the eager path makes some seventy
 calls (five NumPy sums per tensor, some forty NumPy operations of per-group algebra, a dozen
 PyTorch in-place updates), each a microsecond or more, where the arithmetic itself takes a
-few. Compiled by
+few; on a large network each of those operations is a pass over memory. Compiled by
 `Numba <https://numba.pydata.org>`_, the whole step of a tensor is one call: for every group
 (row of its ``(groups, group_size)`` view) :func:`_psi_rows`
 
@@ -13,7 +13,8 @@ few. Compiled by
 2. forms the coefficients of :func:`psi_geoopt.optim._psi_coefficients` (the same closed
    forms, on float64 scalars);
 3. reads the row again and writes :math:`b_+` and :math:`x_+`, each rounded once to the
-   storage dtype.
+   storage dtype. The row is still in cache: per element, memory sees one read of
+   :math:`x, u, b` and one write of :math:`x, b`.
 
 It is the CPU twin of the Triton kernel of :mod:`psi_geoopt.triton_step`, and used by
 :class:`~psi_geoopt.optim.RiemannianSGD` and :class:`~psi_geoopt.optim.RiemannianAdam` on CPU
