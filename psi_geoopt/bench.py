@@ -296,8 +296,8 @@ def run(args: argparse.Namespace) -> int:
     print("machine: " + ", ".join(f"{key}={value}" for key, value in info.items()))
     if device == "cpu" and info["numba"] is None:
         print(
-            "note: Numba is not installed, so the default fast path runs the PSI step of small "
-            "models eagerly (pip install the extra 'fast' for its compiled loop)"
+            "note: Numba cannot be imported, so the default fast path runs the PSI step of "
+            "small models eagerly and of large ones through torch.compile"
         )
     print(f"momentum {MOMENTUM}, lr {LEARNING_RATE}, {rounds} interleaved rounds, median")
     results: dict[str, object] = {"machine": info, "rounds": rounds, "steps": {}, "adam": {}}

@@ -18,7 +18,7 @@ few; on a large network each of those operations is a pass over memory. Compiled
 
 It is the CPU twin of the Triton kernel of :mod:`psi_geoopt.triton_step`, and used by
 :class:`~psi_geoopt.optim.RiemannianSGD` and :class:`~psi_geoopt.optim.RiemannianAdam` on CPU
-when Numba is installed (the extra ``fast``); without it they run the same step eagerly.
+(Numba is a dependency; where it cannot be imported they run the same step eagerly).
 Arrays are float32 or float64 (float16/bfloat16 tensors are computed on float32 copies),
 C-contiguous; the compiled code is cached on disk after the first call. Division follows
 NumPy's rules (``error_model="numpy"``): a zero group gives NaN, as on the other paths,

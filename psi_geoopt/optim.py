@@ -102,7 +102,7 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
         * on CUDA (with Triton, which PyTorch's CUDA builds on Linux bring): one launch of
           the multi-tensor kernel of :mod:`psi_geoopt.triton_step` per parameter group, for
           groups of at most ``MAX_ROW`` elements;
-        * on CPU with Numba installed (the extra ``fast``): one call per tensor of the
+        * on CPU (where Numba, a dependency, can be imported): one call per tensor of the
           compiled loop of :mod:`psi_geoopt.numba_step` (compiled at the first step and
           cached on disk), the fastest CPU path at every size measured, from the demo
           ConvNet to ResNet-50 (``benchmarks/RESULTS.md``);
