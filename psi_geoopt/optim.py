@@ -476,7 +476,7 @@ def _multi_tensor_rsgd(
             host.append((point, buffer, group_size, first))
     kernel = compile is not False
     # compile=None: the Numba loop on CPU where installed, else torch.compile for large groups
-    numba_on_cpu = compile is None and _kernel_module("numba_step") is not None
+    numba_on_cpu = compile is None and _numba_step(numpy) is not None
     if compile is None:
         compile = (
             sum(p.numel() for p, *_ in host if not (numba_on_cpu and p.device.type == "cpu"))
