@@ -10,8 +10,8 @@ few; on a large network each of those operations is a pass over memory. Compiled
 
 1. reads the row of :math:`x`, :math:`u = \nabla f(x)` and the buffer :math:`b` once,
    accumulating :math:`s_{xx}, s_{xu}, s_{uu}, s_{bu}, s_{bb}` in float64;
-2. forms the coefficients of :func:`psi_geoopt.optim._psi_coefficients` (the same closed
-   forms, on float64 scalars);
+2. forms the coefficients of :func:`psi_geoopt.optim._psi_coefficients` on float64 scalars:
+   the same source, :func:`psi_geoopt.optim._step_coefficients`, compiled;
 3. reads the row again and writes :math:`b_+` and :math:`x_+`, each rounded once to the
    storage dtype. The row is still in cache: per element, memory sees one read of
    :math:`x, u, b` and one write of :math:`x, b`.
@@ -33,6 +33,8 @@ from collections.abc import Callable
 import numba
 import numpy
 
+from .optim import _step_coefficients
+
 __all__ = ["psi_adam_rows", "psi_sgd_rows"]
 
 
@@ -41,13 +43,7 @@ _OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"
 multiplications and additions contracted into fused multiply-adds."""
 
 
-@numba.njit(**_OPTIONS)
-def _radial_factors(xx: float, step: float) -> tuple[float, float, float]:
-    """:func:`psi_geoopt.optim._radial_factors` on scalars."""
-    radius = math.sqrt(xx)
-    new_radius = math.sqrt(xx + step)
-    total = radius + new_radius
-    return radius / new_radius, -step / (new_radius * total), step / (radius * total)
+_coefficients = numba.njit(**_OPTIONS)(_step_coefficients)
 
 
 def _compile_rows(parallel: bool) -> Callable[..., None]:
@@ -96,40 +92,16 @@ def _compile_rows(parallel: bool) -> Callable[..., None]:
                 if amsgrad:
                     moment = max(peak[row, 0], new_second)
                 step_size = lr / (hyper[6] * (math.sqrt(moment / hyper[7]) + hyper[5]))
-            if not with_momentum:  # d = g
-                scale, shrink, _ = _radial_factors(xx, step_size * step_size * gg)
-                along = -step_size * scale
-                x_shift, u_coeff = shrink - along * xu, along * xx
+            bx_coeff, bu_coeff, bb_coeff, x_shift, u_coeff, b_coeff, growth = _coefficients(
+                xx, xu, gg, bu, bb, step_size, momentum, keep, not with_buffer, nesterov
+            )
+            if not with_momentum:  # d = g, as at a first step
                 for i in range(size):
                     xi = numpy.float64(x[row, i])
                     x[row, i] = xi + (x_shift * xi + u_coeff * numpy.float64(u[row, i]))
                 continue
-            if first:  # b' = g
-                keep_b, keep_g = 0.0, 1.0
-                bb_new = bg_new = gg
-            else:  # b' = mu b + (1 - tau) g, with <b, g> = s_xx s_bu
-                keep_b, keep_g = momentum, keep
-                bg = xx * bu
-                bb_new = momentum * momentum * bb + 2 * momentum * keep * bg + keep * keep * gg
-                bg_new = momentum * bg + keep * gg
-            if nesterov:  # d = g + mu b'
-                direction_b, direction_g = momentum * keep_b, 1 + momentum * keep_g
-                dd = gg + 2 * momentum * bg_new + momentum * momentum * bb_new
-                bd = bg_new + momentum * bb_new
-            else:  # d = b'
-                direction_b, direction_g = keep_b, keep_g
-                dd = bd = bb_new
-            step = step_size * step_size * dd
-            scale, shrink, growth = _radial_factors(xx, step)
-            kappa = step_size * bd / (xx + step)
-            # b_+ = b' + kappa (x - lr d) = bx x + bu u + bb b
-            along_g = keep_g - step_size * kappa * direction_g
-            bx_coeff, bu_coeff = kappa - along_g * xu, along_g * xx
-            bb_coeff = keep_b - step_size * kappa * direction_b
-            # with Nesterov x_+ = (sqrt(s_xx) / |y|)(x - lr d), else x_+ = x + growth x + after b_+
-            along = -step_size * scale * direction_g
-            x_shift, u_coeff = shrink - along * xu, along * xx
-            b_coeff = -step_size * scale * direction_b
+            # with Nesterov x_+ = x + x_shift x + u_coeff u + b_coeff b,
+            # else x_+ = x + growth x + after b_+
             after = -step_size * (1 + growth)
             for i in range(size):
                 xi, ui = numpy.float64(x[row, i]), numpy.float64(u[row, i])

@@ -896,60 +896,74 @@ def _psi_coefficients(
     """
     xx, xu, uu = sums[:, 0], sums[:, 1], sums[:, 2]
     gg = xx * _positive_part(xx * uu - xu * xu, xp)
-    if momentum == 0:  # d = g
-        scale, shrink, _ = _radial_factors(xx, lr * lr * gg, xp)
-        along = -lr * scale
-        return xp.stack([shrink - along * xu, along * xx], axis=1)
+    with_buffer = momentum != 0 and not first
+    bu, bb = (sums[:, 3], sums[:, 4]) if with_buffer else (0.0, 0.0)
+    bx_coeff, bu_coeff, bb_coeff, x_shift, u_coeff, b_coeff, growth = _step_coefficients(
+        xx, xu, gg, bu, bb, lr, momentum, 1 - dampening, not with_buffer, nesterov
+    )
+    if momentum == 0:  # d = g, as at a first step
+        return xp.stack([x_shift, u_coeff], axis=1)
+    columns = [bx_coeff, bu_coeff]
+    columns += [x_shift, u_coeff] if nesterov else [growth, -lr * (1 + growth)]
+    if not first:
+        columns += [bb_coeff, b_coeff] if nesterov else [bb_coeff]
+    return xp.stack(columns, axis=1)
+
+
+def _step_coefficients(xx, xu, gg, bu, bb, lr, momentum, keep, first, nesterov):
+    r"""The closed forms of :func:`_psi_coefficients` from the per-group sums
+    :math:`s_{xx}, s_{xu}`, :math:`\|g\|^2` and :math:`s_{bu}, s_{bb}` (ignored at the
+    ``first`` step), with ``keep`` :math:`= 1 - \tau`. Only arithmetic operators, so that
+    one source serves NumPy and PyTorch vectors of groups and, compiled by Numba, the
+    scalars of :mod:`psi_geoopt.numba_step`. Returns :math:`e_x, e_u, e_b`, the
+    coefficients :math:`c_x - 1, c_u, c_b` of
+    :math:`x_+ = \sqrt{s_{xx}} / \|y\|\,(x - \eta d)` and :math:`\gamma - 1`.
+
+    The radial factors are formed from their differences to 1, without cancellation:
+    :math:`\sqrt{s_{xx}} / \|y\| - 1 = -\eta^2 \|d\|^2 / (\|y\| (\|x\| + \|y\|))` and
+    :math:`\gamma - 1 = \|y\| / \sqrt{s_{xx}} - 1 = \eta^2 \|d\|^2 / (\|x\| (\|x\| + \|y\|))`.
+    """
     if first:  # b' = g
-        keep_b, keep = 0.0, 1.0
+        keep_b, keep_g = 0.0, 1.0
         bb_new = bg_new = gg
     else:  # b' = mu b + (1 - tau) g, with <b, g> = s_xx s_bu
-        keep_b, keep = momentum, 1 - dampening
-        bg = xx * sums[:, 3]
-        bb_new = momentum * momentum * sums[:, 4] + 2 * momentum * keep * bg + keep * keep * gg
+        keep_b, keep_g = momentum, keep
+        bg = xx * bu
+        bb_new = momentum * momentum * bb + 2 * momentum * keep * bg + keep * keep * gg
         bg_new = momentum * bg + keep * gg
     if nesterov:  # d = g + mu b'
-        direction_b, direction_g = momentum * keep_b, 1 + momentum * keep
+        direction_b, direction_g = momentum * keep_b, 1 + momentum * keep_g
         dd = gg + 2 * momentum * bg_new + momentum * momentum * bb_new
         bd = bg_new + momentum * bb_new
     else:  # d = b'
-        direction_b, direction_g = keep_b, keep
+        direction_b, direction_g = keep_b, keep_g
         dd = bd = bb_new
-    step = lr * lr * dd
-    scale, shrink, growth = _radial_factors(xx, step, xp)
+    step = lr * lr * dd  # |y|^2 = s_xx + step
+    radius, new_radius = xx**0.5, (xx + step) ** 0.5
+    total = radius + new_radius
+    scale, shrink, growth = (
+        radius / new_radius,
+        -step / (new_radius * total),
+        step / (radius * total),
+    )
     kappa = lr * bd / (xx + step)
-    # b_+ = b' + kappa (x - lr d)
-    along_g = keep - lr * kappa * direction_g
-    columns = [kappa - along_g * xu, along_g * xx]
-    if nesterov:  # x_+ = (sqrt(s_xx) / |y|)(x - lr d)
-        along = -lr * scale * direction_g
-        columns += [shrink - along * xu, along * xx]
-    else:
-        columns += [growth, -lr * (1 + growth)]
-    if not first:
-        columns.append(keep_b - lr * kappa * direction_b)
-        if nesterov:
-            columns.append(-lr * scale * direction_b)
-    return xp.stack(columns, axis=1)
+    # b_+ = b' + kappa (x - lr d), x_+ = (sqrt(s_xx) / |y|)(x - lr d)
+    along_g, along = keep_g - lr * kappa * direction_g, -lr * scale * direction_g
+    return (
+        kappa - along_g * xu,
+        along_g * xx,
+        keep_b - lr * kappa * direction_b,
+        shrink - along * xu,
+        along * xx,
+        -lr * scale * direction_b,
+        growth,
+    )
 
 
 def _positive_part(values, xp: ModuleType):
     r""":math:`\max(v, 0)`: a negative value, a rounding error, becomes 0 (NumPy's ``clip``
     is a slow Python wrapper)."""
     return numpy.maximum(values, 0) if xp is numpy else values.clamp(min=0)
-
-
-def _radial_factors(
-    xx: torch.Tensor, step: torch.Tensor, xp: ModuleType
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""With :math:`s_{xx} = \|x\|^2` and ``step`` :math:`= \eta^2 \|d\|^2`, so that
-    :math:`\|y\|^2 = s_{xx} + \eta^2\|d\|^2`: the factor :math:`\sqrt{s_{xx}} / \|y\|` and
-    the differences :math:`\sqrt{s_{xx}} / \|y\| - 1` and :math:`\|y\| / \sqrt{s_{xx}} - 1`,
-    formed without cancellation."""
-    radius = xp.sqrt(xx)
-    new_radius = xp.sqrt(xx + step)
-    total = radius + new_radius
-    return radius / new_radius, -step / (new_radius * total), step / (radius * total)
 
 
 def _psi_apply(

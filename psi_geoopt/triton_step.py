@@ -58,8 +58,9 @@ _STORAGE = {
 
 @triton.jit
 def _radial_factors(xx, step):
-    """:func:`psi_geoopt.optim._radial_factors`: :math:`\\sqrt{s_{xx}}/\\|y\\|` and its
-    difference to 1, and :math:`\\|y\\|/\\sqrt{s_{xx}} - 1`, without cancellation."""
+    """The radial factors of :func:`psi_geoopt.optim._step_coefficients`:
+    :math:`\\sqrt{s_{xx}}/\\|y\\|` and its difference to 1, and
+    :math:`\\|y\\|/\\sqrt{s_{xx}} - 1`, without cancellation."""
     radius = tl.sqrt(xx)
     new_radius = tl.sqrt(xx + step)
     total = radius + new_radius
