@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numba
 import numpy
 
-from .optim import _step_coefficients
+from .optim import _adam_hyper_parameters, _sgd_hyper_parameters, _step_coefficients
 
 __all__ = ["psi_adam_rows", "psi_sgd_rows"]
 
@@ -69,7 +69,8 @@ def _compile_rows(parallel: bool) -> Callable[..., None]:
         read as zeros at the ``first`` step), ``second`` and ``peak`` Adam's :math:`v` and its
         running maximum, broadcast over each row (ignored without ``adam``, ``peak`` without
         ``amsgrad``). ``hyper``: :math:`\eta, \mu, 1 - \tau` and for Adam
-        :math:`\beta_2, 1 - \beta_2, \epsilon, 1 - \beta_1^t, 1 - \beta_2^t`."""
+        :math:`\beta_2, 1 - \beta_2, \epsilon, 1 - \beta_1^t, 1 - \beta_2^t`
+        (:func:`psi_geoopt.optim._adam_hyper_parameters`)."""
         groups, size = x.shape
         lr, momentum, keep = hyper[0], hyper[1], hyper[2]
         with_buffer = with_momentum and not first
@@ -143,7 +144,7 @@ def psi_sgd_rows(
     without momentum, its content ignored at the ``first`` step); one call per entry. The
     update of :func:`psi_geoopt.optim._psi_apply` with
     :func:`psi_geoopt.optim._psi_coefficients`."""
-    hyper = numpy.array((lr, momentum, 1 - dampening))
+    hyper = numpy.array(_sgd_hyper_parameters(lr, momentum, dampening))
     flags = (momentum != 0, first, nesterov, False, False)
     for x, grad, buffer in entries:  # absent arrays are passed as x, never touched
         kernel = _PARALLEL if x.size >= PARALLEL_NUMEL else _SERIAL
@@ -163,10 +164,7 @@ def psi_adam_rows(
     :func:`psi_geoopt.optim._psi_adam`, the SGD step with momentum and dampening
     :math:`\beta_1` and the group's learning rate
     :math:`\eta / ((1 - \beta_1^t)(\sqrt{\hat v_t / (1 - \beta_2^t)} + \epsilon))`."""
-    beta1, beta2 = betas
-    hyper = numpy.array(
-        (lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - beta1**step, 1 - beta2**step)
-    )
+    hyper = numpy.array(_adam_hyper_parameters(lr, betas, eps, step))
     for x, grad, exp_avg, second, *peak in entries:
         kernel = _PARALLEL if x.size >= PARALLEL_NUMEL else _SERIAL
         maximum = peak[0] if peak else second

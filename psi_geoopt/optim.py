@@ -534,6 +534,30 @@ def _numba_step(xp: ModuleType) -> ModuleType | None:
     return _kernel_module("numba_step") if xp is numpy else None
 
 
+def _sgd_hyper_parameters(lr: float, momentum: float, dampening: float) -> tuple[float, ...]:
+    r"""The hyper-parameters of the SGD step as both kernels (:mod:`psi_geoopt.triton_step`,
+    :mod:`psi_geoopt.numba_step`) index them: :math:`\eta, \mu, 1 - \tau`."""
+    return (lr, momentum, 1 - dampening)
+
+
+def _adam_hyper_parameters(
+    lr: float, betas: tuple[float, float], eps: float, step: int
+) -> tuple[float, ...]:
+    r"""The hyper-parameters of the Adam step at step ``step`` as both kernels index them: those
+    of :func:`_sgd_hyper_parameters` with momentum and dampening :math:`\beta_1`, then
+    :math:`\beta_2, 1 - \beta_2, \epsilon, 1 - \beta_1^t, 1 - \beta_2^t`. The differences
+    are formed here, in double precision: :math:`1 - \beta_2` in float32 would be 1e-5 off."""
+    beta1, beta2 = betas
+    return (
+        *_sgd_hyper_parameters(lr, beta1, beta1),
+        beta2,
+        1 - beta2,
+        eps,
+        1 - beta1**step,
+        1 - beta2**step,
+    )
+
+
 def _takes_kernel(point: torch.Tensor, group_size: int) -> bool:
     """Whether the PSI step of ``point`` runs in the Triton kernel of
     :mod:`psi_geoopt.triton_step`: a CUDA tensor, not sharded (sharded groups run eagerly,

@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 from torch.autograd.graph import increment_version
 
+from .optim import _adam_hyper_parameters, _sgd_hyper_parameters
+
 __all__ = ["MAX_ROW", "psi_adam_step", "psi_sgd_step"]
 
 MAX_ROW = 2**16
@@ -234,7 +236,7 @@ def psi_sgd_step(
     :func:`psi_geoopt.optim._psi_coefficients`."""
     _launch(
         [(x, grad, buffer, None, None, size) for x, grad, buffer, size in entries],
-        (lr, momentum, 1 - dampening),
+        _sgd_hyper_parameters(lr, momentum, dampening),
         MOMENTUM=momentum != 0,
         FIRST=first,
         NESTEROV=nesterov,
@@ -256,10 +258,9 @@ def psi_adam_step(
     the update of :func:`psi_geoopt.optim._psi_adam`, the SGD step with momentum and
     dampening :math:`\beta_1` and the group's learning rate
     :math:`\eta / ((1 - \beta_1^t)(\sqrt{\hat v_t / (1 - \beta_2^t)} + \epsilon))`."""
-    beta1, beta2 = betas
     _launch(
         entries,
-        (lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - beta1**step, 1 - beta2**step),
+        _adam_hyper_parameters(lr, betas, eps, step),
         MOMENTUM=True,
         FIRST=False,
         NESTEROV=False,
@@ -271,9 +272,8 @@ def psi_adam_step(
 def _launch(entries: list[tuple], values: tuple[float, ...], **flags: bool) -> None:
     r"""One launch of :func:`_psi_kernel` over the rows of every entry ``(x, grad, buffer,
     second moment, its maximum, group_size)`` (absent tensors ``None``), with the
-    hyper-parameters ``values``: :math:`\eta, \mu, 1 - \tau`, and for Adam
-    :math:`\beta_2, 1 - \beta_2, \epsilon, 1 - \beta_1^t, 1 - \beta_2^t` (the differences
-    formed in double precision: :math:`1 - \beta_2` in float32 would be 1e-5 off)."""
+    hyper-parameters ``values`` of :func:`psi_geoopt.optim._sgd_hyper_parameters` or
+    :func:`psi_geoopt.optim._adam_hyper_parameters`."""
     x0 = entries[0][0]
     device, dtype = x0.device, x0.dtype
     compute = numpy.float64 if dtype == torch.float64 else numpy.float32
