@@ -25,7 +25,7 @@ import torch._dynamo
 
 import psi_geoopt.optim as psi_optim
 from psi_geoopt import PSIManifold
-from psi_geoopt.bench import MODELS
+from psi_geoopt.experiments.bench import MODELS
 
 VARIANTS = {
     "compiled (default)": ({}, False),

@@ -15,7 +15,7 @@ COMMANDS = {
     "demo": "psi_geoopt.experiments.demo",
     "compare": "psi_geoopt.experiments.compare",
     "verify": "psi_geoopt.theory.verify",
-    "bench": "psi_geoopt.bench",
+    "bench": "psi_geoopt.experiments.bench",
 }
 
 

@@ -41,7 +41,7 @@ def _without_timing(runs: list[dict]) -> list[dict]:
 @pytest.mark.skipif(
     any(
         importlib.util.find_spec(name) is None
-        for name in ("psi_geoopt.theory.verify", "psi_geoopt.bench")
+        for name in ("psi_geoopt.theory.verify", "psi_geoopt.experiments.bench")
     ),
     reason="the verify and bench sub-commands are not there yet",
 )

@@ -39,10 +39,10 @@ import geoopt
 import torch
 from torch import nn
 
-from .convert import to_psi
-from .experiments.models import build_model
-from .manifold import PSIManifold
-from .optim import RiemannianAdam, RiemannianSGD
+from ..convert import to_psi
+from ..manifold import PSIManifold
+from ..optim import RiemannianAdam, RiemannianSGD
+from .models import build_model
 
 MOMENTUM = 0.9
 LEARNING_RATE = 0.01
