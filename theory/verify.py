@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import psi_geoopt
-from psi_geoopt.experiments.commandline import (
+from psi_geoopt.commandline import (
     check_output_directory,
     format_table,
     positive_int,

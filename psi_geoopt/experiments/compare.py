@@ -46,15 +46,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .commandline import (
+from ..commandline import (
     add_common_arguments,
-    check_batch_size,
     check_output_directory,
     positive_float,
     positive_int,
     write_json_atomically,
 )
-from .data import DATASETS, load_dataset
+from .data import DATASETS, check_batch_size, load_dataset
 from .models import MODELS
 from .optimizers import OPTIMIZERS, is_installed, missing_packages
 from .plots import Curve, Heatmap, plot_heatmaps, plot_loss_curves

@@ -13,13 +13,14 @@ both are fixed: the split and the synthetic data do not depend on the training s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "Dataset", "load_dataset"]
+__all__ = ["DATASETS", "Dataset", "check_batch_size", "load_dataset"]
 
 DATASETS = ("digits", "synthetic")
 _SPLIT_SEED = 0
@@ -87,3 +88,12 @@ def load_dataset(name: str) -> Dataset:
     if name == "synthetic":
         return _synthetic()
     raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
+
+
+def check_batch_size(batch_size: int, datasets: Sequence[str]) -> str | None:
+    """The reason ``--batch-size`` exceeds the training set of one of ``datasets``, else None."""
+    for name in datasets:
+        samples = len(load_dataset(name).train_targets)
+        if batch_size > samples:
+            return f"--batch-size {batch_size} exceeds the {samples} training samples of {name!r}"
+    return None

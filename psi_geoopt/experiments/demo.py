@@ -32,16 +32,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .commandline import (
+from ..commandline import (
     add_common_arguments,
-    check_batch_size,
     check_output_directory,
     format_table,
     non_negative_int,
     positive_int,
     write_json_atomically,
 )
-from .data import load_dataset
+from .data import check_batch_size, load_dataset
 from .models import build_model
 from .plots import Curve, plot_loss_curves
 from .training import TrainResult, scale_invariant_weights, train_from_scratch

@@ -1,7 +1,7 @@
-"""Command-line plumbing shared by ``psi-geoopt demo`` and ``psi-geoopt compare``.
+"""Command-line plumbing shared by the ``psi-geoopt`` sub-commands.
 
-Argument types that reject bad numbers at parse time, the early checks of the output directory
-and the batch size, atomic JSON writes and plain-text tables.
+Argument types that reject bad numbers at parse time, the early check of the output directory,
+atomic JSON writes and plain-text tables.
 """
 
 from __future__ import annotations
@@ -13,11 +13,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import load_dataset
-
 __all__ = [
     "add_common_arguments",
-    "check_batch_size",
     "check_output_directory",
     "format_table",
     "non_negative_int",
@@ -90,15 +87,6 @@ def check_output_directory(directory: Path) -> str | None:
     except OSError as error:
         reason = error.strerror or str(error)
         return f"output directory {str(directory)!r} is not writable: {reason}"
-    return None
-
-
-def check_batch_size(batch_size: int, datasets: Sequence[str]) -> str | None:
-    """The reason ``--batch-size`` exceeds the training set of one of ``datasets``, else None."""
-    for name in datasets:
-        samples = len(load_dataset(name).train_targets)
-        if batch_size > samples:
-            return f"--batch-size {batch_size} exceeds the {samples} training samples of {name!r}"
     return None
 
 
