@@ -1,22 +1,28 @@
 """Command-line plumbing shared by the ``psi-geoopt`` sub-commands.
 
 Argument types that reject bad numbers at parse time, the early check of the output directory,
-atomic JSON writes and plain-text tables.
+atomic JSON writes, plain-text tables and the description of the machine that results are
+recorded with.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import platform
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 __all__ = [
     "add_common_arguments",
     "check_output_directory",
     "format_table",
+    "machine_description",
     "non_negative_int",
     "positive_float",
     "positive_int",
@@ -114,3 +120,46 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def machine_description(device: str = "cpu") -> dict[str, object]:
+    """What a measurement depends on: processor, cores, threads, platform, the versions of
+    Python and of the packages on the computation path, and the GPU where ``device`` is one.
+
+    Every sub-command that records results (``bench``, ``compare``, ``verify``) records this.
+    """
+    info: dict[str, object] = {
+        "cpu": _processor_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **{package: _version_of(package) for package in _PACKAGES},
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+_PACKAGES = ("psi-geoopt", "torch", "geoopt", "numpy", "numba", "adamp")
+
+
+def _processor_name() -> str:
+    """The model name from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version_of(package: str) -> str | None:
+    """The installed version of ``package``, ``None`` where it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None

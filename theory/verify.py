@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import geoopt
 import numpy as np
 import torch
 
-import psi_geoopt
 from psi_geoopt.commandline import (
     check_output_directory,
     format_table,
+    machine_description,
     positive_int,
     write_json_atomically,
 )
@@ -195,23 +192,12 @@ def _jsonable(value):
     return value
 
 
-def _metadata(mode: str, threads: int, started: datetime, duration: float) -> dict:
+def _metadata(mode: str, machine: dict, started: datetime, duration: float) -> dict:
     return {
         "mode": mode,
         "started_utc": started.isoformat(timespec="seconds"),
         "duration_s": round(duration, 2),
-        "machine": {
-            "node": platform.node(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "threads": threads,
-        },
-        "python_version": platform.python_version(),
-        "torch_version": torch.__version__,
-        "geoopt_version": geoopt.__version__,
-        "numpy_version": np.__version__,
-        "psi_geoopt_version": psi_geoopt.__version__,
+        "machine": machine,
     }
 
 
@@ -236,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
     threads = getattr(args, "threads", 1)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    machine = machine_description()
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     try:
@@ -255,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json is not None:
         write_json_atomically(
-            args.json, {"checks": records, **_metadata(mode, threads, started, duration)}
+            args.json, {"checks": records, **_metadata(mode, machine, started, duration)}
         )
         print(f"wrote {args.json}")
     if args.plots is not None:

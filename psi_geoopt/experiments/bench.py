@@ -25,11 +25,8 @@ table (``torch.optim.SGD``, ``torch.optim.Adam``).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +36,7 @@ import geoopt
 import torch
 from torch import nn
 
+from ..commandline import machine_description
 from ..convert import to_psi
 from ..manifold import PSIManifold
 from ..optim import RiemannianAdam, RiemannianSGD
@@ -223,39 +221,6 @@ def bench_training(batch_size: int, rounds: int, compile: bool, device: str) -> 
     return {"batch_size": batch_size, "results": summary}
 
 
-def machine(device: str) -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info: dict[str, object] = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "geoopt": geoopt.__version__,
-        "python": platform.python_version(),
-        "numba": _version_of("numba"),
-        "device": device,
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _version_of(package: str) -> str | None:
-    """The installed version of ``package``, ``None`` where it is not installed."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _print_table(title: str, summary: dict[str, dict[str, float]]) -> None:
     baseline = next(iter(summary))
     print(f"\n{title}, ratios to {baseline}")
@@ -292,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --rounds must be at least 1, got {rounds}")
         return 2
     compile = not (args.quick or args.no_compile)
-    info = machine(device)
+    info = machine_description(device)
     print("machine: " + ", ".join(f"{key}={value}" for key, value in info.items()))
     if device == "cpu" and info["numba"] is None:
         print(

@@ -29,7 +29,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -39,7 +38,6 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +47,14 @@ from tqdm import tqdm
 from ..commandline import (
     add_common_arguments,
     check_output_directory,
+    machine_description,
     positive_float,
     positive_int,
     write_json_atomically,
 )
 from .data import DATASETS, check_batch_size, load_dataset
 from .models import MODELS
-from .optimizers import OPTIMIZERS, is_installed, missing_packages
+from .optimizers import OPTIMIZERS, missing_packages
 from .plots import Curve, Heatmap, plot_heatmaps, plot_loss_curves
 from .training import train_from_scratch
 
@@ -436,16 +435,15 @@ def _summarize(runs: Iterable[dict]) -> dict[tuple[str, str], list[_OptimizerSum
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
-        cpu = names[0].strip() if names else cpu
-    adamp = f"adamp {version('adamp')}" if is_installed("adamp") else "adamp not installed"
+    info = machine_description()
+    versions = ", ".join(
+        f"{package} {info[package]}" if info[package] else f"{package} not installed"
+        for package in ("torch", "geoopt", "adamp")
+    )
     return (
-        f"{cpu}, {os.cpu_count()} logical cores visible, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} thread(s), geoopt {version('geoopt')}, {adamp}, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+        f"{info['cpu']}, {info['cpu_count']} logical cores visible, "
+        f"{info['torch_threads']} torch thread(s), {versions}, Python {info['python']}, "
+        f"{info['platform']}"
     )
 
 
