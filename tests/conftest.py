@@ -6,6 +6,8 @@ and flatten the rest), so the tests compare the manifold with a second implement
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import hypothesis.strategies as st
@@ -137,3 +139,32 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_WITHOUT_CLI_EXTRA = """
+import importlib.abc, sys
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] in {"sklearn", "matplotlib", "tqdm"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+@pytest.fixture
+def without_cli_extra():
+    """Run Python code in a fresh interpreter where the packages of the ``cli`` extra
+    (scikit-learn, matplotlib, tqdm) cannot be imported, as if they were not installed;
+    returns the finished :class:`subprocess.CompletedProcess`."""
+
+    def run(code: str, *arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", _WITHOUT_CLI_EXTRA + code, *arguments],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    return run

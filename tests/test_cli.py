@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -250,30 +248,10 @@ def test_bench_quick_writes_ratios(tmp_path):
     assert "PSI RiemannianAdam fast" in results["adam"]["resnet18"]["results"]
 
 
-_WITHOUT_CLI_EXTRA = """
-import importlib.abc, sys
-
-class NotInstalled(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.partition(".")[0] in {"sklearn", "matplotlib", "tqdm"}:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-sys.meta_path.insert(0, NotInstalled())
-import psi_geoopt  # the library needs none of them
-from psi_geoopt.cli import main
-
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.parametrize("command", ["demo", "compare"])
-def test_command_without_the_cli_extra_names_it_in_one_line(command):
-    result = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_CLI_EXTRA, command, "--steps", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_command_without_the_cli_extra_names_it_in_one_line(command, without_cli_extra):
+    code = "import sys; from psi_geoopt.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = without_cli_extra(code, command, "--steps", "1")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -14,7 +14,8 @@ the reason it is one, and, once :func:`build_problems` has attached it, the smoo
   with four groups (rows of :math:`W`) and a fixed read-out :math:`v`.
 - ``bn-logistic``: :math:`f(W) = \frac1n \sum_i \log(1 + e^{-y_i \operatorname{BN}(X W^\top)_i
   v})` with three groups, labels :math:`y_i = \pm 1`.
-- ``mlp-digits`` / ``mlp-digits-minibatch``: digits → Linear :math:`W_1` → BN → tanh → Linear
+- ``mlp-digits`` / ``mlp-digits-minibatch``: the first ``samples`` of scikit-learn's bundled
+  8x8 digits, each pixel standardized over them, → Linear :math:`W_1` → BN → tanh → Linear
   :math:`W_2` → BN → :math:`\gamma\,\cdot` → cross-entropy; every row of both weights is a PSI
   group. The minibatch version splits the data into a fixed partition of ``num_batches``
   batches, each normalized with its own statistics ("ghost batches"), and
@@ -341,17 +342,25 @@ def bn_logistic(
     )
 
 
+def _digits(samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``samples`` of scikit-learn's bundled 8x8 digits (1797 images, no download) as
+    ``(samples, 64)`` pixels, each standardized over these samples (constant pixels are only
+    centred), and their labels."""
+    from sklearn.datasets import load_digits
+
+    inputs, targets = load_digits(return_X_y=True)
+    inputs, targets = inputs[:samples], targets[:samples]
+    spread = inputs.std(axis=0)
+    spread[spread == 0] = 1.0
+    return (inputs - inputs.mean(axis=0)) / spread, targets
+
+
 def mlp_digits(
     samples: int = 512, hidden: int = 32, num_batches: int = 1, temperature: float = 3.0
 ) -> Problem:
     r"""Digits → :math:`W_1` → BN → tanh → :math:`W_2` → BN → :math:`\gamma\,\cdot` →
-    cross-entropy on the first ``samples`` training digits; ``f_star = 0``."""
-    from psi_geoopt.experiments.data import load_dataset
-
-    data = load_dataset("digits")
-    inputs = data.train_inputs[:samples].reshape(samples, -1).double().numpy()
-    targets = data.train_targets[:samples].numpy()
-    x, y = _partition(inputs, targets, num_batches)
+    cross-entropy on the first ``samples`` digits (:func:`_digits`); ``f_star = 0``."""
+    x, y = _partition(*_digits(samples), num_batches)
 
     def batch_loss(params, batches):
         first, second = params

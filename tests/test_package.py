@@ -1,0 +1,107 @@
+"""The package's shape: its imports form no cycle, and the library never imports the command line.
+
+The import graph is read from the source (every ``import``, at module level or inside a
+function), so that an import made only when a function runs counts as much as one made at
+import time. The library is everything installed as ``psi_geoopt`` except the command line:
+``psi_geoopt.cli``, ``psi_geoopt.__main__`` and ``psi_geoopt.experiments`` (data, models,
+training loop, demo, compare, bench).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+
+import psi_geoopt
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = {"psi_geoopt": ROOT / "psi_geoopt", "psi_geoopt.theory": ROOT / "theory"}
+COMMAND_LINE = ("psi_geoopt.cli", "psi_geoopt.__main__", "psi_geoopt.experiments")
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for package, directory in SOURCES.items():
+        for path in directory.rglob("*.py"):
+            parts = path.relative_to(directory).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join((package, *parts))] = path
+    return modules
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The modules of this package that ``name`` imports."""
+    is_package = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = name.split(".")
+                parent = parent[: len(parent) - node.level + is_package]
+                base = ".".join(parent + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _reachable(start: str) -> set[str]:
+    seen, stack = set(), [start]
+    while stack:
+        for target in GRAPH[stack.pop()]:
+            if target not in seen:
+                seen.add(target)
+                stack.append(target)
+    return seen
+
+
+def test_the_graph_sees_the_package():
+    assert {"psi_geoopt", "psi_geoopt.manifold", "psi_geoopt.theory.verify"} <= set(MODULES)
+    assert "psi_geoopt.manifold" in GRAPH["psi_geoopt"]
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_import_cycle(name):
+    assert name not in _reachable(name), f"{name} imports itself through {sorted(GRAPH[name])}"
+
+
+LIBRARY = sorted(name for name in MODULES if not name.startswith(COMMAND_LINE))
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_library_does_not_import_the_command_line(name):
+    reached = sorted(t for t in _reachable(name) if t.startswith(COMMAND_LINE))
+    assert not reached, f"{name} imports {reached}"
+
+
+def test_the_library_imports_without_the_command_line_dependencies(without_cli_extra):
+    code = (
+        "import sys, psi_geoopt, psi_geoopt.optim, psi_geoopt.theory.verify;"
+        "print(sorted(m for m in sys.modules if m.startswith(('psi_geoopt.cli', "
+        "'psi_geoopt.experiments'))))"
+    )
+    result = without_cli_extra(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_one_version():
+    assert importlib.metadata.version("psi-geoopt") == psi_geoopt.__version__
