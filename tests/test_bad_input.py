@@ -175,3 +175,58 @@ def test_an_optimizer_that_produces_a_bad_point_is_stopped_by_stabilize():
     parameter.grad = torch.full((3, 4), float("nan"))
     with pytest.raises(ValueError, match="non-finite"):
         optimizer.step()
+
+
+# ---------------------------------------------------------------------- ndim (batches of points)
+
+
+@pytest.mark.parametrize("ndim", [1.0, True, "1", (1,)])
+def test_ndim_must_be_an_int_or_none(ndim):
+    with pytest.raises(TypeError, match="`ndim` must be an int or None"):
+        PSIManifold(dim=0, ndim=ndim)
+
+
+@pytest.mark.parametrize("ndim", [0, -1])
+def test_ndim_must_be_positive(ndim):
+    with pytest.raises(ValueError, match=rf"`ndim`={ndim}, but a point has at least one"):
+        PSIManifold(dim=None, ndim=ndim)
+
+
+@pytest.mark.parametrize(("dim", "ndim"), [(1, 1), (-2, 1), (4, 4), (-5, 4)])
+def test_dim_out_of_the_point_is_rejected_at_construction(dim, ndim):
+    message = rf"`dim`={dim} is out of range for points of `ndim`={ndim} \(expected -{ndim}"
+    with pytest.raises(ValueError, match=message):
+        PSIManifold(dim=dim, ndim=ndim)
+
+
+def test_tensor_of_lower_rank_than_a_point_is_rejected():
+    manifold, x = PSIManifold(dim=0, ndim=4), torch.ones(3, 3, 3)
+    message = r"a point has `ndim`=4 dimensions, got a tensor of rank 3"
+    with pytest.raises(ValueError, match=message):
+        geoopt.ManifoldParameter(x, manifold=manifold)
+    with pytest.raises(ValueError, match=message):
+        manifold.retr(x, x)
+    with pytest.raises(ValueError, match=message):
+        manifold.random(3, 3, 3)
+    ok, reason = manifold.check_point(x, explain=True)
+    assert not ok and "`x`" in reason
+
+
+@pytest.mark.parametrize(
+    ("dim", "expected"),
+    [
+        (None, r"groups \[\(0, 1\), \(2, 0\)\] along \(batch axis 0, batch axis 1\) are zero"),
+        (-1, r"groups \[\(0, 1, 2\), \(2, 0, 2\)\] along \(batch axis 0, batch axis 1, dim=-1\)"),
+    ],
+)
+def test_bad_groups_of_a_stack_of_points_are_named(dim, expected):
+    x = torch.randn(3, 2, 4, 3, generator=torch.Generator().manual_seed(0))
+    x[0, 1, :, 2 if dim is not None else slice(None)] = 0
+    x[2, 0, :, 2 if dim is not None else slice(None)] = 0
+    with pytest.raises(ValueError, match=expected):
+        geoopt.ManifoldParameter(x, manifold=PSIManifold(dim=dim, ndim=2))
+    ok, reason = PSIManifold(dim=dim, ndim=2).check_point(x[0, 1], explain=True)
+    assert not ok
+    assert (
+        "the group of the point is zero" if dim is None else "groups [2] along dim=-1"
+    ) in reason
