@@ -57,6 +57,13 @@ class PSIManifold(Manifold):
     (``(*batch,)`` for ``dim=None``); with ``keepdim=True`` the summed axes are kept with size
     one, so the result broadcasts against ``x``.
 
+    :meth:`projx` is the identity (any non-zero representative is a point) and reads no
+    values, so it never waits for a device; a zero, NaN or Inf group is found by
+    :meth:`check_point`, :meth:`assert_check_point` (run when a
+    :class:`geoopt.ManifoldParameter` is created) and the ``stabilize`` option of
+    :mod:`psi_geoopt.optim`'s optimizers. geoopt's own ``stabilize`` only calls :meth:`projx`
+    and does not check.
+
     Float16 and bfloat16 tensors are computed in float32 internally and returned in their own
     dtype.
 
@@ -360,10 +367,13 @@ class PSIManifold(Manifold):
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         r"""Every finite representative with non-zero groups is a point: :math:`x \mapsto x`.
 
-        Raises ``ValueError`` naming the zero or non-finite groups otherwise; there is no
-        canonical way to repair them.
+        Only the shape and dtype are checked: reading the values would wait for the device on
+        every call (geoopt's ``RiemannianAdam`` calls ``projx`` at every step). A zero or
+        non-finite group cannot be repaired; :meth:`check_point` and
+        :meth:`assert_check_point` find it.
         """
-        self.assert_check_point(x)
+        self._check_dtype(x)
+        self._point_rank(x.dim())
         return x
 
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

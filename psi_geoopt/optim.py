@@ -41,6 +41,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from .manifold import PSIManifold
+from .sparse_optim import StabilizeChecksPoints
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -58,7 +59,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class RiemannianSGD(geoopt.optim.RiemannianSGD):
+class RiemannianSGD(StabilizeChecksPoints, geoopt.optim.RiemannianSGD):
     r"""Riemannian SGD with momentum, Nesterov and weight decay, equivariant on PSI parameters.
 
     Same constructor, hyper-parameters and state format as
@@ -190,7 +191,7 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
         return loss
 
 
-class RiemannianAdam(geoopt.optim.RiemannianAdam):
+class RiemannianAdam(StabilizeChecksPoints, geoopt.optim.RiemannianAdam):
     r"""geoopt's Riemannian Adam whose checkpoints resume bit-exactly.
 
     Same constructor, hyper-parameters, step and state format as

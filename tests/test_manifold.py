@@ -767,3 +767,36 @@ def test_a_model_state_dict_is_unchanged():
     layer = torch.nn.Linear(3, 4, bias=False)
     layer.weight = geoopt.ManifoldParameter(layer.weight.detach(), manifold=PSIManifold(0))
     assert list(layer.state_dict()) == ["weight"]
+
+
+HOST_SYNCHRONIZATIONS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal")
+
+
+class _RecordOperations(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("dim", "ndim"), [(0, None), (None, None), (1, 2), (None, 1)])
+def test_operations_never_read_values_on_the_host(dim, ndim):
+    """No operation (``projx`` included: geoopt's ``RiemannianAdam`` calls it every step)
+    reads a value back, which on an accelerator would wait for the device."""
+    manifold = PSIManifold(dim, ndim=ndim)
+    generator = torch.Generator().manual_seed(3)
+    x, y, u, v = (torch.randn(4, 3, 5, generator=generator) for _ in range(4))
+    with _RecordOperations() as recorded:
+        manifold.projx(x)
+        for name in ("inner", "norm", "component_inner", "proju", "egrad2rgrad", "retr", "expmap"):
+            getattr(manifold, name)(x, u)
+        manifold.logmap(x, y)
+        manifold.dist(x, y)
+        manifold.transp(x, y, v)
+        manifold.retr_transp(x, u, v)
+        manifold.expmap_transp(x, u, v)
+    reads = {n for n in recorded.names if n.split(".")[0] in HOST_SYNCHRONIZATIONS}
+    assert len(recorded.names) > 10 and not reads, reads
