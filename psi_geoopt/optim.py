@@ -41,14 +41,14 @@ import torch
 from torch.autograd.graph import increment_version
 
 from .manifold import PSIManifold
-from .sparse_optim import StabilizeChecksPoints
+from .sparse_optim import SparseRiemannianAdam, SparseRiemannianSGD, StabilizeChecksPoints
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # torch built without distributed support
     _DTensor = None
 
-__all__ = ["RiemannianAdam", "RiemannianSGD"]
+__all__ = ["RiemannianAdam", "RiemannianSGD", "SparseRiemannianAdam", "SparseRiemannianSGD"]
 
 AUTO_COMPILE_NUMEL = 2**20
 """Size (elements of fused PSI parameters in one group) from which ``compile=None`` runs the
