@@ -45,7 +45,7 @@ class PSIManifold(Manifold):
     per-group positive rescaling, e.g. :math:`\operatorname{retr}(c w, c u) = c\,
     \operatorname{retr}(w, u)`, and the retraction keeps the representative's norm, so the
     learning rate of Riemannian SGD is an angle whatever the weight norm. On unit rows,
-    ``PSIManifold(dim=None, ndim=1)`` takes exactly the steps of :class:`geoopt.Sphere`.
+    ``PSIManifold(dim=None, ndim=1)`` takes the steps of :class:`geoopt.Sphere` (to rounding).
 
     **Broadcasting.** With ``ndim=k`` the batch dimensions of all arguments broadcast as in
     torch (a point of shape :math:`(p_1, \dots, p_k)` with vectors of shape
@@ -56,6 +56,14 @@ class PSIManifold(Manifold):
     Per-group values (``inner``, ``norm``, ``dist``) have shape ``(*batch, groups)``
     (``(*batch,)`` for ``dim=None``); with ``keepdim=True`` the summed axes are kept with size
     one, so the result broadcasts against ``x``.
+
+    **geoopt's idioms.** :class:`geoopt.ProductManifold` hands its factors batches of points,
+    so a factor needs ``ndim=len(shape)``; ``ndim=None`` is refused there. geoopt's
+    ``SparseRiemannianSGD``/``SparseRiemannianAdam`` step the rows of axis 0 one by one, which
+    is right only if every group lies inside one row (``dim=0`` of the whole tensor, or
+    ``ndim`` below the rank); they do not check, :mod:`psi_geoopt.sparse_optim`'s versions
+    refuse the other layouts. The retraction is not reversible (``reversible = False``, as for
+    ``Sphere``), so geoopt's samplers refuse PSI parameters.
 
     :meth:`projx` is the identity (any non-zero representative is a point) and reads no
     values, so it never waits for a device; a zero, NaN or Inf group is found by
