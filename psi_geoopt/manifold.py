@@ -153,8 +153,11 @@ class PSIManifold(Manifold):
     def _reduced_axes(self, rank: int) -> tuple[int, ...]:
         """The axes summed over to form the groups, counted from the end, so that the same
         axes serve a point and a stack of points."""
-        axis = self._group_axis(rank)
-        return tuple(a for a in range(-self._point_rank(rank), 0) if a != axis)
+        point_rank = self._point_rank(rank)
+        if self.dim is None:
+            return tuple(range(-point_rank, 0))
+        axis = self.dim % point_rank - point_rank
+        return tuple(a for a in range(-point_rank, 0) if a != axis)
 
     def _check_dtype(self, x: torch.Tensor) -> None:
         if x.dtype not in _SUPPORTED_DTYPES:
