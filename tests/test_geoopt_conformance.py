@@ -369,15 +369,24 @@ def spd_matrix(n: int, seed: int = 0, largest: float = 100.0) -> tuple[torch.Ten
     return q @ torch.diag(eigenvalues) @ q.T, eigenvalues
 
 
+STEPPERS = [
+    (optimizer_class, options)
+    for optimizer_class in (geoopt.optim.RiemannianSGD, psi_geoopt.optim.RiemannianSGD)
+    for options in (dict(), dict(momentum=0.9), dict(momentum=0.9, nesterov=True))
+] + [
+    (geoopt.optim.RiemannianAdam, dict()),
+    (psi_geoopt.optim.RiemannianAdam, dict(amsgrad=True)),
+]
+
+
 @pytest.mark.parametrize(
-    "optimizer_class", [geoopt.optim.RiemannianSGD, psi_geoopt.optim.RiemannianSGD]
-)
-@pytest.mark.parametrize(
-    "options", [dict(), dict(momentum=0.9), dict(momentum=0.9, nesterov=True)], ids=str
+    ("optimizer_class", "options"),
+    STEPPERS,
+    ids=[f"{c.__module__.split('.')[0]}-{c.__name__}-{o}" for c, o in STEPPERS],
 )
 def test_rows_take_the_steps_of_sphere(optimizer_class, options):
-    """geoopt's and our RiemannianSGD take the same steps on ``Sphere`` and on
-    ``PSIManifold(dim=None, ndim=1)`` from unit rows."""
+    """geoopt's and our RiemannianSGD and RiemannianAdam take the same steps on ``Sphere`` and
+    on ``PSIManifold(dim=None, ndim=1)`` from unit rows."""
     matrix, _ = spd_matrix(10)
     trajectories = []
     for manifold in (geoopt.Sphere(), PSIManifold(None, ndim=1)):
