@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from types import ModuleType
@@ -40,13 +41,14 @@ import torch
 from torch.autograd.graph import increment_version
 
 from .manifold import PSIManifold
+from .sparse_optim import SparseRiemannianAdam, SparseRiemannianSGD, StabilizeChecksPoints
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # torch built without distributed support
     _DTensor = None
 
-__all__ = ["RiemannianAdam", "RiemannianSGD"]
+__all__ = ["RiemannianAdam", "RiemannianSGD", "SparseRiemannianAdam", "SparseRiemannianSGD"]
 
 AUTO_COMPILE_NUMEL = 2**20
 """Size (elements of fused PSI parameters in one group) from which ``compile=None`` runs the
@@ -57,7 +59,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class RiemannianSGD(geoopt.optim.RiemannianSGD):
+class RiemannianSGD(StabilizeChecksPoints, geoopt.optim.RiemannianSGD):
     r"""Riemannian SGD with momentum, Nesterov and weight decay, equivariant on PSI parameters.
 
     Same constructor, hyper-parameters and state format as
@@ -189,7 +191,7 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
         return loss
 
 
-class RiemannianAdam(geoopt.optim.RiemannianAdam):
+class RiemannianAdam(StabilizeChecksPoints, geoopt.optim.RiemannianAdam):
     r"""geoopt's Riemannian Adam whose checkpoints resume bit-exactly.
 
     Same constructor, hyper-parameters, step and state format as
@@ -392,28 +394,34 @@ def _fused_group_size(point: torch.Tensor, manifold: geoopt.Manifold) -> int | N
     """The group size if ``point`` can take the fused PSI pass, else ``None``.
 
     The pass works on the groups as the rows of a ``(groups, group_size)`` view: a contiguous
-    tensor in a floating dtype grouped along axis 0, or as a whole (``dim=None``). A
-    :class:`~torch.distributed.tensor.DTensor` qualifies when it is grouped along axis 0 and
-    every placement is ``Shard(0)`` or ``Replicate()`` (FSDP2's ``fully_shard``): each group
-    then lives whole on one rank and the pass runs on the local rows, without communication.
+    tensor in a floating dtype whose points (the whole tensor, or its trailing ``ndim`` axes)
+    are grouped along their first axis, or are one group each (``dim=None``). A
+    :class:`~torch.distributed.tensor.DTensor` qualifies when every group lies inside one index
+    of axis 0 and every placement is ``Shard(0)`` or ``Replicate()`` (FSDP2's ``fully_shard``):
+    each group then lives whole on one rank and the pass runs on the local rows, without
+    communication.
     """
     if type(manifold) is not PSIManifold or point.dtype not in _FUSED_DTYPES:
         return None
     shape, numel = point.shape, point.numel()
-    if not shape or numel == 0:
+    point_rank = len(shape) if manifold.ndim is None else manifold.ndim
+    if not shape or numel == 0 or point_rank > len(shape):
         return None
+    point_shape = shape[len(shape) - point_rank :]
     if _is_dtensor(point):
-        if manifold.dim is None or not point.to_local().is_contiguous():
+        if (
+            manifold.dim is None and point_rank == len(shape)
+        ) or not point.to_local().is_contiguous():
             return None
         if not all(p.is_replicate() or p.is_shard(0) for p in point.placements):
             return None
     elif not point.is_contiguous():
         return None
-    elif manifold.dim is None:
-        return numel
-    if manifold.dim % len(shape) != 0:
+    if manifold.dim is None:
+        return math.prod(point_shape)
+    if manifold.dim % point_rank != 0:
         return None
-    return numel // shape[0]
+    return math.prod(point_shape[1:])
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

@@ -647,3 +647,156 @@ def test_low_precision_is_computed_in_float32(dtype, name):
     assert bool((error <= 2 * eps * size + 1e-30).all()), (error, size)
     low_random = manifold.random(3, 8, dtype=dtype)
     assert low_random.dtype == dtype and manifold.check_point_on_manifold(low_random)
+
+
+# ---------------------------------------------------------------------- batches (geoopt's ndim)
+
+
+@pytest.mark.parametrize(
+    ("dim", "ndim", "point", "group_axes"),
+    [
+        (None, 1, (10,), (-1,)),
+        (0, 2, (5, 4), (-1,)),
+        (-1, 2, (5, 4), (-2,)),
+        (1, 4, (3, 4, 2, 2), (-4, -2, -1)),
+        (None, 3, (2, 3, 4), (-3, -2, -1)),
+    ],
+)
+@pytest.mark.parametrize("batch", [(), (6,), (2, 3)], ids=str)
+def test_batched_points_are_grouped_within_each_point(dim, ndim, point, group_axes, batch):
+    """With ``ndim`` the groups of each point are its slices along ``dim``; per-group values
+    have shape ``(*batch, groups)`` (``(*batch,)`` for ``dim=None``) and, kept, broadcast."""
+    manifold = PSIManifold(dim, ndim=ndim)
+    generator = torch.Generator().manual_seed(0)
+    x, u = (torch.randn(*batch, *point, generator=generator, dtype=torch.float64) for _ in "xu")
+    expected = (u * u).sum(group_axes, keepdim=True) / (x * x).sum(group_axes, keepdim=True)
+    kept = manifold.inner(x, u, keepdim=True)
+    torch.testing.assert_close(kept, expected, rtol=1e-13, atol=0)
+    groups = () if dim is None else (point[dim],)
+    assert manifold.inner(x, u).shape == (*batch, *groups)
+    assert manifold.dist(x, u).shape == (*batch, *groups)
+    assert manifold.norm(x, u, keepdim=True).shape == expected.shape
+    torch.testing.assert_close(manifold.inner(x, u).reshape(-1), kept.reshape(-1))
+    step = manifold.retr(x, manifold.proju(x, u))
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(step, dim=group_axes), torch.linalg.vector_norm(x, dim=group_axes)
+    )
+
+
+@pytest.mark.parametrize(
+    ("point", "vector"),
+    [((5, 4), (3, 5, 4)), ((3, 5, 4), (5, 4)), ((1, 5, 4), (3, 1, 5, 4)), ((3, 5, 4), (1, 4))],
+    ids=str,
+)
+def test_batch_dimensions_broadcast_like_torch(point, vector):
+    """Batch dimensions broadcast in both directions; a vector may also broadcast within the
+    point, as for ``ndim=None``."""
+    manifold = PSIManifold(0, ndim=2)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(point, generator=generator, dtype=torch.float64)
+    u = torch.randn(vector, generator=generator, dtype=torch.float64)
+    shape = torch.broadcast_shapes(point, vector)
+    full_x, full_u = x.expand(shape), u.expand(shape)
+    for name in ("proju", "egrad2rgrad", "retr", "expmap", "inner", "norm", "component_inner"):
+        torch.testing.assert_close(
+            getattr(manifold, name)(x, u), getattr(manifold, name)(full_x, full_u)
+        )
+    torch.testing.assert_close(
+        manifold.transp(x, x + u, u), manifold.transp(full_x, full_x + full_u, full_u)
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda m, x, bad: m.proju(x, bad), "u"),
+        (lambda m, x, bad: m.inner(x, x, bad), "v"),
+        (lambda m, x, bad: m.dist(x, bad), "y"),
+        (lambda m, x, bad: m.transp(x, bad, x), "y"),
+        (lambda m, x, bad: m.retr_transp(x, x, bad), "v"),
+    ],
+)
+@pytest.mark.parametrize("bad_shape", [(3, 5, 5), (2, 5, 4), (4, 1, 5), (10,)], ids=str)
+def test_batched_vector_that_does_not_fit_the_point_is_named(call, name, bad_shape):
+    """Only batch dimensions broadcast: a vector that would change the point's shape (or whose
+    batch does not broadcast) is refused, naming it."""
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"`{name}` of shape .* does not broadcast against"):
+        call(PSIManifold(0, ndim=2), x, torch.ones(bad_shape, dtype=torch.float64))
+
+
+def test_ndim_is_carried_by_repr_copies_pickles_and_state_dicts():
+    import copy
+    import io
+    import pickle
+
+    manifold = PSIManifold(dim=-1, ndim=2)
+    assert manifold.extra_repr() == "dim=-1, ndim=2"
+    assert repr(manifold) == "PSI(dim=-1, ndim=2) manifold"
+    assert manifold.ndim == 2 and PSIManifold(dim=0).ndim is None
+    for clone in (copy.deepcopy(manifold), pickle.loads(pickle.dumps(manifold))):
+        assert (clone.dim, clone.ndim) == (-1, 2)
+    parameter = geoopt.ManifoldParameter(torch.randn(3, 5, 4), manifold=manifold)
+    for clone in (copy.deepcopy(parameter), pickle.loads(pickle.dumps(parameter))):
+        assert (clone.manifold.dim, clone.manifold.ndim) == (-1, 2)
+        assert torch.equal(clone, parameter)
+
+    module = torch.nn.Module()
+    module.manifold = manifold
+    module.weight = parameter
+    state = module.state_dict()
+    assert state["manifold._extra_state"] == {"dim": -1, "ndim": 2}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    same = torch.nn.Module()
+    same.manifold = PSIManifold(dim=-1, ndim=2)
+    same.weight = geoopt.ManifoldParameter(torch.ones(3, 5, 4), manifold=same.manifold)
+    same.load_state_dict(torch.load(buffer))
+    assert torch.equal(same.weight, parameter) and same.weight.manifold.ndim == 2
+    other = torch.nn.Module()
+    other.manifold = PSIManifold(dim=-1)
+    other.weight = torch.nn.Parameter(torch.ones(3, 5, 4))
+    with pytest.raises(ValueError, match=r"saved from PSI\(dim=-1, ndim=2\) manifold"):
+        other.load_state_dict(state)
+
+
+def test_a_model_state_dict_is_unchanged():
+    """``ManifoldParameter`` holds the manifold as an attribute, not a submodule: converted
+    models keep their state_dict keys."""
+    layer = torch.nn.Linear(3, 4, bias=False)
+    layer.weight = geoopt.ManifoldParameter(layer.weight.detach(), manifold=PSIManifold(0))
+    assert list(layer.state_dict()) == ["weight"]
+
+
+HOST_SYNCHRONIZATIONS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal")
+
+
+class _RecordOperations(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("dim", "ndim"), [(0, None), (None, None), (1, 2), (None, 1)])
+def test_operations_never_read_values_on_the_host(dim, ndim):
+    """No operation (``projx`` included: geoopt's ``RiemannianAdam`` calls it every step)
+    reads a value back, which on an accelerator would wait for the device."""
+    manifold = PSIManifold(dim, ndim=ndim)
+    generator = torch.Generator().manual_seed(3)
+    x, y, u, v = (torch.randn(4, 3, 5, generator=generator) for _ in range(4))
+    with _RecordOperations() as recorded:
+        manifold.projx(x)
+        for name in ("inner", "norm", "component_inner", "proju", "egrad2rgrad", "retr", "expmap"):
+            getattr(manifold, name)(x, u)
+        manifold.logmap(x, y)
+        manifold.dist(x, y)
+        manifold.transp(x, y, v)
+        manifold.retr_transp(x, u, v)
+        manifold.expmap_transp(x, u, v)
+    reads = {n for n in recorded.names if n.split(".")[0] in HOST_SYNCHRONIZATIONS}
+    assert len(recorded.names) > 10 and not reads, reads

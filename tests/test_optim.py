@@ -458,3 +458,47 @@ def test_sparse_gradient_is_rejected_on_both_paths():
         weight.grad = torch.randn(4, 3).to_sparse()
         with pytest.raises(RuntimeError, match="sparse"):
             RiemannianSGD([weight], lr=0.1, foreach=foreach).step()
+
+
+def make_batched_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """PSI parameters in geoopt's batch convention (the trailing ``ndim`` axes are a point),
+    points whose norms spread over two orders of magnitude."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def psi(shape, dim, ndim):
+        scales = 10 ** (2 * torch.rand(shape[: len(shape) - ndim], generator=generator) - 1)
+        tensor = torch.randn(shape, generator=generator, dtype=torch.float64)
+        tensor = tensor * scales.to(torch.float64).reshape(*scales.shape, *[1] * ndim)
+        return geoopt.ManifoldParameter(tensor.to(dtype), manifold=PSIManifold(dim, ndim=ndim))
+
+    return [
+        psi((6, 10), None, 1),  # rows on the sphere
+        psi((3, 8, 3, 3, 3), 0, 4),  # a stack of conv weights
+        psi((2, 3, 5, 6), -2, 2),  # one group per row of each matrix
+        psi((4, 5, 3), None, 2),  # one group per matrix
+        psi((2, 3, 5, 4), 1, 2),  # groups along the point's axis 1: the reference loop
+        psi((5,), None, 1),  # one point, no batch
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "config",
+    [dict(momentum=0.9), dict(momentum=0.9, nesterov=True), "adam"],
+    ids=["momentum", "nesterov", "adam"],
+)
+def test_fast_path_reads_the_groups_of_batched_points(dtype, config):
+    """With ``ndim`` the fused pass takes the groups as the rows of a ``(-1, group_size)``
+    view; the trajectories equal the reference loop's (the manifold's batched operations)."""
+    params = make_batched_params(dtype)
+    sizes = [psi_optim._fused_group_size(p, p.manifold) for p in params]
+    assert sizes == [10, 27, 6, 15, None, 5]
+    reference_params = make_batched_params(dtype)
+    if config == "adam":
+        fast, reference = run_adam(params), run_adam(reference_params, foreach=False)
+        assert_same_adam_state(fast, reference, params, reference_params, TOLERANCE[dtype])
+    else:
+        fast = run(params, **config)
+        reference = run(reference_params, foreach=False, **config)
+        assert_same_trajectory(fast, reference, params, reference_params, TOLERANCE[dtype])
+    assert relative_error(params[1], make_batched_params(dtype)[1]) > 0.1
