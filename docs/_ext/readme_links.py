@@ -24,6 +24,7 @@ PAGES = {
 ANCHORS = {
     "README.md#the-demo": "cli.md#the-demo",
     "README.md#performance": "performance.md",
+    "README.md#documentation": "development.md#this-documentation",
 }
 LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
 
