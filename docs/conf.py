@@ -49,7 +49,7 @@ nitpick_ignore_regex = [
     # module constants without a docstring, which autodoc does not document
     (r"py:data", r"([\w.]+\.)?[A-Z][A-Z0-9_]*"),
     # the fast-path kernels and private helpers are not part of the documented API
-    (r"py:.*", r"psi_geoopt\.(numba_step|triton_step|optim\.kernels)(\..*)?|.*\._\w+"),
+    (r"py:.*", r"psi_geoopt\.(numba_step|triton_step|optim\.kernels)(\..*)?|(.*\.)?_\w+"),
 ]
 
 # ----------------------------------------------------------------------------- autodoc
