@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,63 @@ def test_command_without_the_cli_extra_names_it_in_one_line(command, without_cli
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "pip install 'psi-geoopt[cli]'" in lines[0] and command in lines[0]
+
+
+# ------------------------------------------------------------------------------- help texts
+
+RST_OR_LATEX = re.compile(r":(math|func|class|mod|meth|attr|obj|data|ref):|``|\\[a-zA-Z]+|\$")
+
+
+def _help_texts() -> dict[str, str]:
+    parser = cli.build_parser()
+    (subparsers,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    texts = {"psi-geoopt": parser.format_help()}
+    texts.update({name: sub.format_help() for name, sub in subparsers.choices.items()})
+    return texts
+
+
+def test_help_of_every_sub_command_is_plain_text(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    texts = _help_texts()
+    assert set(texts) == {"psi-geoopt", *cli.COMMANDS}
+    for name, text in texts.items():
+        assert not RST_OR_LATEX.findall(text), f"`psi-geoopt {name} --help` shows markup"
+        assert "usage: psi-geoopt" in text
+    assert "c ~ LogUniform[1, 10]" in texts["demo"]  # a :math: role of the demo's docstring
+    assert "(z - μ) / √(σ² + ε)" in texts["demo"]  # ... broken over two lines
+
+
+def test_help_is_wrapped_to_the_terminal_width(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "60")
+    for name, text in _help_texts().items():
+        too_long = [line for line in text.splitlines() if len(line) > 60 and " " in line.strip()]
+        assert not too_long, f"`psi-geoopt {name} --help` has lines over 60 characters"
+
+
+@pytest.mark.parametrize(
+    ("tex", "text"),
+    [
+        (r"\frac{\langle u, v \rangle}{r^2}", "⟨u, v⟩/r²"),
+        (r"\frac1{2n}\|XW^\top v - y\|^2", "1/(2n)‖XWᵀ v - y‖²"),
+        (r"c\, \operatorname{retr}(w, u)", "c  retr(w, u)"),
+        (r"\mathbb{R}^d \setminus \{0\}", "ℝᵈ ∖ {0}"),
+        (r"\hat w = w / r", "ŵ = w / r"),
+        (r"\lambda_{\max} - \lambda_{\min}", "λₘₐₓ - λₘᵢₙ"),
+        (r"\sqrt{\hat v_t / (1 - \beta_2^t)} + \epsilon", "√(v̂ₜ / (1 - β₂ᵗ)) + ε"),
+        (r"10^{U(-2, 2)}", "10^(U(-2, 2))"),
+    ],
+)  # fmt: skip
+def test_latex_to_text(tex, text):
+    assert cli.latex_to_text(tex) == text
+
+
+def test_rst_to_text_roles_literals_and_math_blocks():
+    text = cli.rst_to_text(
+        "See :class:`geoopt.Manifold`, :func:`~psi_geoopt.to_psi`, :mod:`the theory "
+        "<psi_geoopt.theory>` and ``dim=0``. The metric::\n\n"
+        ".. math::\n\n    g_w(u, v) = \\frac{\\langle u, v \\rangle}{r^2}\n\nAfter."
+    )
+    assert text == (
+        "See geoopt.Manifold, to_psi, the theory and dim=0. The metric:\n\n"
+        "    g_w(u, v) = ⟨u, v⟩/r²\n\nAfter."
+    )

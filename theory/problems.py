@@ -4,7 +4,7 @@ Every problem is a loss :math:`f(W_1, \dots, W_m)` whose parameters all live on 
 (one :class:`~psi_geoopt.PSIManifold` per tensor), so that :math:`f(S \cdot W) = f(W)` for any
 positive per-group scaling :math:`S`. Each exposes the loss (full or one minibatch), a seeded
 initial point with unit-norm groups, a certified lower bound ``f_star`` of :math:`\inf f` with
-the reason it is one, and, once :func:`build_problems` has attached it, the smoothness constant
+the reason it is one, and, once :func:`build_problem` has attached it, the smoothness constant
 :math:`L` of the pullback :math:`f \circ \operatorname{retr}` in the metric :math:`g`.
 
 - ``rayleigh-kK``: :math:`f(w) = \hat w^\top A \hat w` with :math:`A = Q \operatorname{diag}(

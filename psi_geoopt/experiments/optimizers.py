@@ -8,18 +8,18 @@ axis) and, where needed, first changes the model's parameters in place:
 name                 update                                                  weight decay ref. lr
 ==================== ======================================================= ============ ======
 ``psi-sgd``          :class:`psi_geoopt.optim.RiemannianSGD` on PSI weights   none         0.3
-``psi-sgd-momentum`` the same, momentum 0.9                                  5e-4 [#]_    0.03
-``psi-adam``         :class:`psi_geoopt.optim.RiemannianAdam` on PSI weights  5e-4 [#]_    0.01
+``psi-sgd-momentum`` the same, momentum 0.9                                  5e-4 [#wd]_  0.03
+``psi-adam``         :class:`psi_geoopt.optim.RiemannianAdam` on PSI weights  5e-4 [#wd]_  0.01
 ``sgd``              :class:`torch.optim.SGD`                                none         0.3
 ``sgd-momentum``     :class:`torch.optim.SGD`, momentum 0.9                  5e-4         0.03
 ``adamw``            :class:`torch.optim.AdamW`                              1e-2         3e-3
 ``sgdp``             ``adamp.SGDP`` (Heo et al., 2021), momentum 0.9          5e-4         0.03
 ``adamp``            ``adamp.AdamP``                                         1e-2         3e-3
-``sphere``           :class:`geoopt.Sphere` on unit-norm PSI weights,         5e-4 [#]_    0.03
+``sphere``           :class:`geoopt.Sphere` on unit-norm PSI weights,         5e-4 [#wd]_  0.03
                      :class:`psi_geoopt.optim.RiemannianSGD`, momentum 0.9
 ==================== ======================================================= ============ ======
 
-.. [#] on the parameters that are not PSI only (BN affine parameters, classifier):
+.. [#wd] on the parameters that are not PSI only (BN affine parameters, classifier):
    :func:`psi_geoopt.param_groups` puts PSI weights in a group without weight decay, where it
    would be radial and removed by the projection anyway.
 
