@@ -122,7 +122,7 @@ def test_compare_resumes_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys)
     assert _runs(out) == before
 
 
-def test_compare_interrupted_leaves_valid_partial_results(tmp_path, monkeypatch):
+def test_compare_interrupted_leaves_valid_partial_results(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     execute = compare.execute
     calls = []
@@ -135,6 +135,9 @@ def test_compare_interrupted_leaves_valid_partial_results(tmp_path, monkeypatch)
 
     monkeypatch.setattr(compare, "execute", interrupt_third)
     assert _main(["compare", *TINY, "--out", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert "interrupted after" in captured.out and "finished after" not in captured.out
+    assert "holds 2 finished runs;" in captured.err
     partial = _runs(out)
     assert len(partial) == 2
     assert not list(out.glob("*.tmp"))
@@ -148,6 +151,21 @@ def test_compare_interrupted_leaves_valid_partial_results(tmp_path, monkeypatch)
     assert sorted(_without_timing(complete), key=lambda r: str(key(r))) == sorted(
         _without_timing(_runs(fresh)), key=lambda r: str(key(r))
     )
+
+
+def test_compare_interrupted_after_one_run_says_run(tmp_path, monkeypatch, capsys):
+    execute = compare.execute
+    calls = []
+
+    def interrupt_second(spec):
+        calls.append(spec)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return execute(spec)
+
+    monkeypatch.setattr(compare, "execute", interrupt_second)
+    assert _main(["compare", *TINY, "--out", str(tmp_path)]) == 130
+    assert "holds 1 finished run;" in capsys.readouterr().err
 
 
 def test_compare_updates_only_its_markdown_section(tmp_path):
