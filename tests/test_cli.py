@@ -17,6 +17,29 @@ RUN_FIELDS = {
     "test_accuracy", "train_mode_accuracy", "train_accuracy", "steps_to_target", "wall_s",
     "loss_curve",
 }  # fmt: skip
+FIELD_TYPES = {
+    "model": str, "dataset": str, "optimizer": str, "lr": float, "init_scale": float,
+    "seed": int, "steps": int, "batch_size": int, "target_loss": float,
+    "final_train_loss": (float, type(None)), "test_accuracy": float,
+    "train_mode_accuracy": float, "train_accuracy": float,
+    "steps_to_target": (int, type(None)), "wall_s": float, "loss_curve": list,
+    "log_every": int, "diverged": bool,
+    "initialization": str, "channel_factors": dict,  # demo
+    "lr_factor": (float, type(None)),  # compare
+}  # fmt: skip
+"""One type per field of results.json, in every record of demo and compare."""
+
+
+def _check_field_types(runs: list[dict]) -> None:
+    for run in runs:
+        for field, value in run.items():
+            assert field in FIELD_TYPES, field
+            assert isinstance(value, FIELD_TYPES[field]), (field, value)
+            if field in ("lr", "init_scale", "target_loss"):
+                assert not isinstance(value, bool)
+        assert all(isinstance(loss, float) for loss in run["loss_curve"])
+        for factors in run.get("channel_factors", {}).values():
+            assert all(isinstance(factor, float) for factor in factors)
 
 
 def _main(argv: list[str]) -> int:
@@ -71,10 +94,26 @@ def test_demo_writes_results_and_is_deterministic(tmp_path, capsys):
         assert RUN_FIELDS <= run.keys()
         assert len(run["loss_curve"]) == 2
     factors = {name: c.tolist() for name, c in demo.channel_factors(3, 64).items()}
-    assert [r["init_scale"] for r in runs] == [1.0, factors, 1.0, factors]
+    assert [r["init_scale"] for r in runs] == [1.0] * 4
+    assert [r["channel_factors"] for r in runs] == [{}, factors, {}, factors]
+    _check_field_types(runs)
     assert (first / "loss_curves.png").stat().st_size > 1000
     assert _main(["demo", "--out", str(second), "--steps", "20", "--seed", "3"]) == 0
     assert _without_timing(_runs(second)) == _without_timing(runs)
+
+
+def test_short_demo_logs_its_last_window(tmp_path, capsys):
+    """Fewer steps than one logging window: the partial window is logged, the reading is a
+    number and the plot has its points."""
+    assert _main(["demo", "--out", str(tmp_path), "--steps", "5"]) == 0
+    output = capsys.readouterr().out
+    assert "nan" not in output
+    assert "loss curves differ by at most" in output
+    runs = _runs(tmp_path)
+    for run in runs:
+        assert len(run["loss_curve"]) == 1 and run["steps"] == 5
+    _check_field_types(runs)
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
 
 
 def test_demo_rescaling_factors_are_per_channel_in_range():
@@ -102,6 +141,7 @@ def test_compare_writes_runs_summary_and_figures(tmp_path):
     for run in runs:
         assert RUN_FIELDS <= run.keys()
         assert run["model"] == "mlp-bn" and run["dataset"] == "digits"
+    _check_field_types(runs)
     assert {(r["optimizer"], r["init_scale"], r["seed"]) for r in runs} == {
         (o, s, seed) for o in ("psi-sgd", "sgd") for s in (1.0, 3.0) for seed in (0, 1)
     }

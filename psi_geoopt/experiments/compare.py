@@ -575,6 +575,7 @@ def write_report(runs: list[dict], args: argparse.Namespace, grid: dict) -> str:
                     s.mean_curve(),
                     runs[0]["log_every"],
                     linestyle="-" if s.optimizer.startswith(("psi", "sphere")) else "--",
+                    steps=grid["steps"],
                 )
                 for s in optimizers
             ],
