@@ -302,5 +302,8 @@ def test_bench_quick_writes_ratios(tmp_path):
         assert rows[0]["ratio"] == 1.0
         assert all(row["median_ms"] > 0 for row in rows)
     assert "PSI fast path eager" in results["steps"]["resnet18"]["results"]
+    # the row of the README's headline ratio
+    assert "PSI fast path default" in results["steps"]["resnet18"]["results"]
     assert "PSI fast path default" in results["training_step"]["results"]
     assert "PSI RiemannianAdam fast" in results["adam"]["resnet18"]["results"]
+    assert "PSI reference loop" not in results["steps"]["resnet18"]["results"]
