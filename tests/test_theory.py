@@ -228,7 +228,7 @@ def test_bottom_line_says_who_is_faster():
     # the quick run's numbers: tuned Euclidean GD faster from c W_0, PSI GD from S W_0
     split = "\n".join(verify.bottom_line([_comparison("bn", 16, _starts(11, 17))]))
     assert "PSI GD faster in 4, Euclidean GD in 0" in split
-    assert "best eta: PSI GD faster in 1, Euclidean GD in 1, tie in 0" in split
+    assert "mixed: PSI GD faster in 1, Euclidean GD in 1, tie in 0." in split
     assert (
         "reproduces in 1 of 2 cases only (bn, start mixed: PSI 16, Euclidean 17), not in the "
         "other 1 (bn, starts 0.1/1/10: PSI 16, Euclidean 11)" in split

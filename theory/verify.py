@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="fewer problems and shorter runs (under a minute on 2 CPU cores) instead of the "
-        "full suite (a few minutes)",
+        help="fewer problems and shorter runs: 21 checks in under a minute on 2 CPU cores, "
+        "instead of the full suite's 37 in 2.5 minutes or more",
     )
     parser.add_argument(
         "--json", type=Path, metavar="PATH", help="write the checks and metadata as JSON here"
@@ -219,7 +219,8 @@ def bottom_line(records: list[dict]) -> list[str]:
         "fewer = faster):",
         f"  same eta = 1/L, starts 0.1/1/10/mixed: {_tally(equal)}. Euclidean GD's count "
         "depends on the initial scale (effective step eta/|w|^2), PSI GD's does not.",
-        f"  each method's best eta: {_tally([c['faster'] for c in cases])}; {_cases(cases)}.",
+        f"  each method's best eta, starts 0.1/1/10 (one case when their counts coincide) and "
+        f"mixed: {_tally([c['faster'] for c in cases])}.",
         f"  {verdict}",
     ]
 
