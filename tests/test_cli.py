@@ -162,18 +162,24 @@ def test_compare_resumes_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys)
     assert _runs(out) == before
 
 
-def test_compare_interrupted_leaves_valid_partial_results(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "out"
+def _interrupted_at(call: int):
+    """``compare.execute``, with Ctrl-C (KeyboardInterrupt) at its ``call``-th call."""
     execute = compare.execute
     calls = []
 
-    def interrupt_third(spec):
+    def interrupting(spec):
         calls.append(spec)
-        if len(calls) == 3:
+        if len(calls) == call:
             raise KeyboardInterrupt
         return execute(spec)
 
-    monkeypatch.setattr(compare, "execute", interrupt_third)
+    return interrupting
+
+
+def test_compare_interrupted_leaves_valid_partial_results(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    execute = compare.execute
+    monkeypatch.setattr(compare, "execute", _interrupted_at(3))
     assert _main(["compare", *TINY, "--out", str(out)]) == 130
     captured = capsys.readouterr()
     assert "interrupted after" in captured.out and "finished after" not in captured.out
@@ -194,16 +200,7 @@ def test_compare_interrupted_leaves_valid_partial_results(tmp_path, monkeypatch,
 
 
 def test_compare_interrupted_after_one_run_says_run(tmp_path, monkeypatch, capsys):
-    execute = compare.execute
-    calls = []
-
-    def interrupt_second(spec):
-        calls.append(spec)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return execute(spec)
-
-    monkeypatch.setattr(compare, "execute", interrupt_second)
+    monkeypatch.setattr(compare, "execute", _interrupted_at(2))
     assert _main(["compare", *TINY, "--out", str(tmp_path)]) == 130
     assert "holds 1 finished run;" in capsys.readouterr().err
 
