@@ -16,7 +16,7 @@ measured and bound curves, for the plots). The statements are derived in theory/
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -479,6 +479,47 @@ def _start(problem: Problem, initialization: str) -> Params:
     return [float(initialization) * p for p in unit]
 
 
+def _best_rate(
+    count: Callable[[float, int], int | None],
+    rates: Sequence[float],
+    natural: float,
+    max_steps: int,
+) -> tuple[float | None, int | None]:
+    """The rate with the fewest iterations (ties: the smaller rate) and that count;
+    ``count(rate, limit)`` runs at most ``limit`` steps (``None``: target not reached).
+
+    Rates are tried from ``natural`` outwards, and each run stops as soon as it can no longer
+    beat the best so far, so that hopeless rates cost little.
+    """
+    chosen_rate, best_count = None, None
+    for rate in sorted(rates, key=lambda r: (abs(math.log(r / natural)), r)):
+        found = count(rate, max_steps if best_count is None else best_count)
+        if found is not None and (best_count is None or (found, rate) < (best_count, chosen_rate)):
+            chosen_rate, best_count = rate, found
+    return chosen_rate, best_count
+
+
+def _start_dependence(
+    problem: Problem, counts: dict[str, int | None], eps: float, max_steps: int, lr: float
+) -> dict:
+    """The record of Euclidean GD's iteration ``counts`` (per start) at the same ``lr``."""
+    return _record(
+        f"euclidean-start-dependence/{problem.name}",
+        "Euclidean GD at eta = 1/L from c W_0 (c = 0.1, 1, 10) and S W_0: its iterations to "
+        "|grad f|_g <= eps depend on the start, number of distinct counts >= 2 (observed; "
+        "'not reached in max_steps' counts as one value)",
+        True,
+        len(set(counts.values())),
+        2,
+        ">=",
+        problem=problem.name,
+        eps=eps,
+        max_steps=max_steps,
+        eta=lr,
+        iterations=counts,
+    )
+
+
 def euclidean_comparison(
     problem: Problem, max_steps: int, tolerance: float, grid: Sequence[float]
 ) -> tuple[dict, dict, dict]:
@@ -507,20 +548,10 @@ def euclidean_comparison(
         return _iterations_to(trajectory, threshold), trajectory
 
     def tune(method: str, start: Params, rates: Sequence[float], natural: float) -> tuple:
-        """The rate with the fewest iterations (ties: the smaller rate) and that count.
+        def count(rate: float, limit: int) -> int | None:
+            return iterations(method, start, rate, limit)[0]
 
-        Rates are tried from ``natural`` outwards, and each run stops as soon as it can no
-        longer beat the best so far, so that hopeless rates cost little.
-        """
-        chosen_rate, best_count = None, None
-        for rate in sorted(rates, key=lambda r: (abs(math.log(r / natural)), r)):
-            limit = max_steps if best_count is None else best_count
-            count = iterations(method, start, rate, limit)[0]
-            if count is not None and (
-                best_count is None or (count, rate) < (best_count, chosen_rate)
-            ):
-                chosen_rate, best_count = rate, count
-        return chosen_rate, best_count
+        return _best_rate(count, rates, natural, max_steps)
 
     for init in INITIALIZATIONS:
         start = _start(problem, init)
@@ -583,21 +614,7 @@ def euclidean_comparison(
         **_smoothness_fields(problem),
     )
     euclidean_counts = {init: equal[f"euclidean-gd@{init}"] for init in INITIALIZATIONS}
-    dependence = _record(
-        f"euclidean-start-dependence/{problem.name}",
-        "Euclidean GD at eta = 1/L from c W_0 (c = 0.1, 1, 10) and S W_0: its iterations to "
-        "|grad f|_g <= eps depend on the start, number of distinct counts >= 2 (observed; "
-        "'not reached in max_steps' counts as one value)",
-        True,
-        len(set(euclidean_counts.values())),
-        2,
-        ">=",
-        problem=problem.name,
-        eps=threshold,
-        max_steps=max_steps,
-        eta=lr,
-        iterations=euclidean_counts,
-    )
+    dependence = _start_dependence(problem, euclidean_counts, threshold, max_steps, lr)
     identity = _record(
         f"euclidean-norm-growth/{problem.name}",
         "Euclidean GD on a PSI f: |w_{t+1}|^2 = |w_t|^2 + eta^2 |grad f(w_t)|^2 per group, "
