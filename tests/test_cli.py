@@ -18,6 +18,29 @@ RUN_FIELDS = {
     "test_accuracy", "train_mode_accuracy", "train_accuracy", "steps_to_target", "wall_s",
     "loss_curve",
 }  # fmt: skip
+FIELD_TYPES = {
+    "model": str, "dataset": str, "optimizer": str, "lr": float, "init_scale": float,
+    "seed": int, "steps": int, "batch_size": int, "target_loss": float,
+    "final_train_loss": (float, type(None)), "test_accuracy": float,
+    "train_mode_accuracy": float, "train_accuracy": float,
+    "steps_to_target": (int, type(None)), "wall_s": float, "loss_curve": list,
+    "log_every": int, "diverged": bool,
+    "initialization": str, "channel_factors": dict,  # demo
+    "lr_factor": (float, type(None)),  # compare
+}  # fmt: skip
+"""One type per field of results.json, in every record of demo and compare."""
+
+
+def _check_field_types(runs: list[dict]) -> None:
+    for run in runs:
+        for field, value in run.items():
+            assert field in FIELD_TYPES, field
+            assert isinstance(value, FIELD_TYPES[field]), (field, value)
+            if field in ("lr", "init_scale", "target_loss"):
+                assert not isinstance(value, bool)
+        assert all(isinstance(loss, float) for loss in run["loss_curve"])
+        for factors in run.get("channel_factors", {}).values():
+            assert all(isinstance(factor, float) for factor in factors)
 
 
 def _main(argv: list[str]) -> int:
@@ -72,10 +95,26 @@ def test_demo_writes_results_and_is_deterministic(tmp_path, capsys):
         assert RUN_FIELDS <= run.keys()
         assert len(run["loss_curve"]) == 2
     factors = {name: c.tolist() for name, c in demo.channel_factors(3, 64).items()}
-    assert [r["init_scale"] for r in runs] == [1.0, factors, 1.0, factors]
+    assert [r["init_scale"] for r in runs] == [1.0] * 4
+    assert [r["channel_factors"] for r in runs] == [{}, factors, {}, factors]
+    _check_field_types(runs)
     assert (first / "loss_curves.png").stat().st_size > 1000
     assert _main(["demo", "--out", str(second), "--steps", "20", "--seed", "3"]) == 0
     assert _without_timing(_runs(second)) == _without_timing(runs)
+
+
+def test_short_demo_logs_its_last_window(tmp_path, capsys):
+    """Fewer steps than one logging window: the partial window is logged, the reading is a
+    number and the plot has its points."""
+    assert _main(["demo", "--out", str(tmp_path), "--steps", "5"]) == 0
+    output = capsys.readouterr().out
+    assert "nan" not in output
+    assert "loss curves differ by at most" in output
+    runs = _runs(tmp_path)
+    for run in runs:
+        assert len(run["loss_curve"]) == 1 and run["steps"] == 5
+    _check_field_types(runs)
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
 
 
 def test_demo_rescaling_factors_are_per_channel_in_range():
@@ -103,6 +142,7 @@ def test_compare_writes_runs_summary_and_figures(tmp_path):
     for run in runs:
         assert RUN_FIELDS <= run.keys()
         assert run["model"] == "mlp-bn" and run["dataset"] == "digits"
+    _check_field_types(runs)
     assert {(r["optimizer"], r["init_scale"], r["seed"]) for r in runs} == {
         (o, s, seed) for o in ("psi-sgd", "sgd") for s in (1.0, 3.0) for seed in (0, 1)
     }
@@ -123,19 +163,28 @@ def test_compare_resumes_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys)
     assert _runs(out) == before
 
 
-def test_compare_interrupted_leaves_valid_partial_results(tmp_path, monkeypatch):
-    out = tmp_path / "out"
+def _interrupted_at(call: int):
+    """``compare.execute``, with Ctrl-C (KeyboardInterrupt) at its ``call``-th call."""
     execute = compare.execute
     calls = []
 
-    def interrupt_third(spec):
+    def interrupting(spec):
         calls.append(spec)
-        if len(calls) == 3:
+        if len(calls) == call:
             raise KeyboardInterrupt
         return execute(spec)
 
-    monkeypatch.setattr(compare, "execute", interrupt_third)
+    return interrupting
+
+
+def test_compare_interrupted_leaves_valid_partial_results(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    execute = compare.execute
+    monkeypatch.setattr(compare, "execute", _interrupted_at(3))
     assert _main(["compare", *TINY, "--out", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert "interrupted after" in captured.out and "finished after" not in captured.out
+    assert "holds 2 finished runs;" in captured.err
     partial = _runs(out)
     assert len(partial) == 2
     assert not list(out.glob("*.tmp"))
@@ -149,6 +198,12 @@ def test_compare_interrupted_leaves_valid_partial_results(tmp_path, monkeypatch)
     assert sorted(_without_timing(complete), key=lambda r: str(key(r))) == sorted(
         _without_timing(_runs(fresh)), key=lambda r: str(key(r))
     )
+
+
+def test_compare_interrupted_after_one_run_says_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "execute", _interrupted_at(2))
+    assert _main(["compare", *TINY, "--out", str(tmp_path)]) == 130
+    assert "holds 1 finished run;" in capsys.readouterr().err
 
 
 def test_compare_updates_only_its_markdown_section(tmp_path):
@@ -245,8 +300,11 @@ def test_bench_quick_writes_ratios(tmp_path):
         assert rows[0]["ratio"] == 1.0
         assert all(row["median_ms"] > 0 for row in rows)
     assert "PSI fast path eager" in results["steps"]["resnet18"]["results"]
+    # the row of the README's headline ratio
+    assert "PSI fast path default" in results["steps"]["resnet18"]["results"]
     assert "PSI fast path default" in results["training_step"]["results"]
     assert "PSI RiemannianAdam fast" in results["adam"]["resnet18"]["results"]
+    assert "PSI reference loop" not in results["steps"]["resnet18"]["results"]
 
 
 @pytest.mark.parametrize("command", ["demo", "compare"])

@@ -1,16 +1,20 @@
-"""Tests of psi_geoopt.experiments: data, models, optimizer registry and the training loop."""
+"""Tests of psi_geoopt.experiments: data, models, optimizer registry, the training loop and
+the figures."""
 
 from __future__ import annotations
 
 import geoopt
+import numpy as np
 import pytest
 import torch
+from matplotlib import image
 
 import psi_geoopt
 from psi_geoopt import PSIManifold
 from psi_geoopt.experiments.data import DATASETS, load_dataset
 from psi_geoopt.experiments.models import MODELS, build_model, rescale
 from psi_geoopt.experiments.optimizers import OPTIMIZERS, build_optimizer, to_unit_sphere
+from psi_geoopt.experiments.plots import HEATMAP_CELL_INCHES, Curve, Heatmap, plot_heatmaps
 from psi_geoopt.experiments.training import evaluate, train, train_from_scratch
 
 
@@ -229,6 +233,51 @@ def test_train_measurements(digits):
     assert never.steps_to_target is None
 
 
+def test_last_partial_window_is_logged(digits):
+    """25 steps in windows of 10: three entries, the last the mean of steps 21-25."""
+    losses = []
+    result = train_from_scratch(
+        "mlp-bn",
+        "sgd",
+        digits,
+        lr=0.3,
+        seed=1,
+        steps=25,
+        log_every=10,
+        target_loss=100.0,
+        on_step=lambda step, loss: losses.append(loss),
+    )
+    assert len(losses) == 25 and len(result.loss_curve) == 3
+    assert result.loss_curve[0] == pytest.approx(sum(losses[:10]) / 10)
+    assert result.loss_curve[2] == pytest.approx(sum(losses[20:]) / 5)
+    assert result.steps_to_target == 10
+    short = train_from_scratch(
+        "mlp-bn", "sgd", digits, lr=0.3, seed=1, steps=5, log_every=10, target_loss=100.0
+    )
+    assert len(short.loss_curve) == 1 and short.steps_to_target == 5
+    curve = Curve("sgd", result.loss_curve, 10, steps=25)
+    assert curve.window_ends().tolist() == [10, 20, 25]
+
+
+def test_init_scale_and_channel_factors_compose(digits):
+    """``channel_factors`` apply on top of ``init_scale``: 2 then 2 per channel is 4."""
+    factors = {
+        name: torch.full((build_model("mlp-bn", 1).get_parameter(name).shape[0],), 2.0)
+        for name in _psi_weights(build_model("mlp-bn", 1))
+    }
+    curves = [
+        train_from_scratch(
+            "mlp-bn", "sgd", digits, lr=0.3, seed=1, steps=20, log_every=1, **options
+        ).loss_curve
+        for options in (
+            {"init_scale": 4.0},
+            {"init_scale": 2.0, "channel_factors": factors},
+            {"init_scale": 2.0},
+        )
+    ]
+    assert curves[0] == curves[1] != curves[2]
+
+
 def test_divergence_is_reported_not_raised():
     result = _run("sgd", 1.0, steps=10)
     assert not result.diverged
@@ -259,3 +308,25 @@ def test_train_rejects_bad_settings(digits):
         train(model, optimizer, digits, steps=0, seed=0)
     with pytest.raises(ValueError, match="batch_size"):
         train(model, optimizer, digits, steps=1, seed=0, batch_size=10_000)
+
+
+# ---------------------------------------------------------------------------------- figures
+
+
+@pytest.mark.parametrize("panels, rates, scales", [(1, 1, 1), (3, 3, 3), (9, 5, 3)])
+def test_heatmap_cells_keep_a_readable_size(tmp_path, panels, rates, scales):
+    """Each cell is at least 0.8 x 0.45 inch at 120 dpi (its 9-point label is about 15 pixels
+    high), whatever the grid; NaN cells are left empty."""
+    accuracy = np.full((rates, scales), 95.0)
+    accuracy[0, 0] = np.nan
+    heatmaps = [
+        Heatmap(str(k), np.geomspace(0.01, 1, rates), np.geomspace(0.1, 10, scales), accuracy)
+        for k in range(panels)
+    ]
+    path = plot_heatmaps(heatmaps, tmp_path / "heatmap.png", title="accuracy")
+    height, width = image.imread(path).shape[:2]
+    columns = min(3, panels)
+    rows = -(-panels // columns)
+    cell_width, cell_height = (120 * inches for inches in HEATMAP_CELL_INCHES)
+    assert width >= columns * scales * cell_width
+    assert height >= rows * rates * cell_height

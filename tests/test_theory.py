@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 
+import psi_geoopt.theory
 import pytest
 import torch
-from psi_geoopt.theory import verify
+from matplotlib import mathtext
+from psi_geoopt.theory import checks, verify
+from psi_geoopt.theory.plots import FIGURES
 from psi_geoopt.theory.problems import least_squares_without_bn, rayleigh_quotient
 from psi_geoopt.theory.runs import batch_sequence, run
 from psi_geoopt.theory.smoothness import curvature_along_curves, sampled_curvature
@@ -20,6 +24,7 @@ REQUIRED = {
     "name": str,
     "statement": str,
     "hypotheses_hold": bool,
+    "relation": str,
     "passed": bool,
 }
 
@@ -74,9 +79,11 @@ def test_quick_json_schema(quick_run):
         "gd-descent/",
         "sgd-rate/",
         "sgd-schedule/",
+        "sgd-schedule-decrease/",
         "equivariance/",
         "euclidean-inequivalence/",
         "euclidean-comparison/",
+        "euclidean-start-dependence/",
         "euclidean-norm-growth/",
         "control/",
     ):
@@ -98,17 +105,41 @@ def test_quick_every_check_passes_and_controls_fire(quick_run):
             assert "expect_violation" not in check
 
 
+def test_quick_every_record_reads_one_way(quick_run):
+    """``passed`` is exactly ``observed relation bound``; a control's ``violated`` is its
+    negation; the printed row shows the same three things."""
+    _, report, _ = quick_run
+    table = verify.format_checks(report["checks"]).splitlines()
+    for check in report["checks"]:
+        relation = check["relation"]
+        assert relation in checks.RELATIONS, check["name"]
+        holds = checks.holds(check["observed"], relation, check["bound"])
+        assert check["passed"] == holds, check["name"]
+        if check.get("expect_violation"):
+            assert check["violated"] == (not holds), check["name"]
+        (row,) = [line for line in table if line.split()[0] == check["name"]]
+        observed, shown_relation, bound = row.split()[-4:-1]
+        assert shown_relation == relation, row
+        assert checks.holds(float(observed), relation, float(bound)) == holds, row
+
+
 def test_quick_bounds_are_the_stated_formulas(quick_run):
-    """Both sides of the GD and SGD bounds recomputed from the recorded constants."""
+    """Both sides of the GD and SGD bounds recomputed from the recorded constants, at the
+    reported horizon, which is the tightest one."""
     _, report, _ = quick_run
     for check in report["checks"]:
-        if check["name"].startswith("gd-rate/"):
-            expected = 2 * (check["f_w0"] - check["f_star"]) / (check["eta"] * check["T"])
+        if check["name"].startswith(("gd-rate/", "sgd-rate/")):
+            horizon = check["reported_T"]
+            assert 1 <= horizon <= check["T"]
+            expected = 2 * (check["f_w0"] - check["f_star"]) / (check["eta"] * horizon)
+            if check["name"].startswith("sgd-rate/"):
+                expected += check["L"] * check["eta"] * check["sigma_sq"]
+                assert check["bound"] > check["L"] * check["eta"] * check["sigma_sq"] > 0
             assert check["bound"] == pytest.approx(expected, rel=1e-12)
+            assert check["observed"] / check["bound"] == pytest.approx(check["worst_ratio"])
+        if check["name"].startswith("gd-rate/"):
             assert check["eta"] <= 1 / check["L"] * (1 + 1e-12)
             assert check["max_step_curvature"] <= check["L"]
-        if check["name"].startswith("sgd-rate/"):
-            assert check["bound"] > check["L"] * check["eta"] * check["sigma_sq"] > 0
 
 
 def test_quick_descent_reports_both_sides_of_the_worst_step(quick_run):
@@ -116,16 +147,25 @@ def test_quick_descent_reports_both_sides_of_the_worst_step(quick_run):
     for check in report["checks"]:
         if check["name"].startswith("gd-descent/"):
             after, guaranteed = check["worst_step_sides"].values()
-            assert check["observed"] == pytest.approx(guaranteed - after, abs=1e-15)
-            assert after <= guaranteed - check["bound"]
+            # observed: f(w_{t+1}) - f(w_t); bound: -(eta/2)|grad f(w_t)|_g^2 + allowance
+            assert guaranteed - after == pytest.approx(check["worst_slack"], abs=1e-15)
+            slack = check["bound"] - check["tolerance"] - check["observed"]
+            assert slack == pytest.approx(check["worst_slack"], abs=1e-14)
 
 
 def test_quick_comparison_records_the_scaling_facts(quick_run):
     _, report, _ = quick_run
     (comparison,) = [c for c in report["checks"] if c["name"].startswith("euclidean-comparison/")]
+    (dependence,) = [
+        c for c in report["checks"] if c["name"].startswith("euclidean-start-dependence/")
+    ]
     equal, tuned = comparison["iterations_equal_eta"], comparison["iterations_tuned_eta"]
     assert len({equal[f"psi-gd@{start}"] for start in ("0.1", "1", "10", "mixed")}) == 1
-    assert comparison["euclidean_count_depends_on_start"]
+    assert comparison["observed"] == 0
+    assert dependence["observed"] == len(set(dependence["iterations"].values())) >= 2
+    assert dependence["iterations"] == {
+        start: equal[f"euclidean-gd@{start}"] for start in ("0.1", "1", "10", "mixed")
+    }
     assert comparison["euclidean_tuned_scale_free"]
     assert comparison["tuned_iteration_ratio"]["1"] == pytest.approx(
         tuned["euclidean-gd@1"] / tuned["psi-gd"]
@@ -134,30 +174,130 @@ def test_quick_comparison_records_the_scaling_facts(quick_run):
     assert max(b / a for a, b in itertools.pairwise(grid)) <= 2**0.5 * (1 + 1e-12)
 
 
-def _comparison(problem: str, equal: str, tuned: str) -> dict:
-    starts = ("0.1", "1", "10", "mixed")
+def test_quick_bottom_line_uses_the_rows_numbers(quick_run):
+    """Every case of the bottom line carries the counts of its per-start row, and the
+    verdict names exactly the cases where PSI GD needed fewer iterations."""
+    _, report, _ = quick_run
+    records = report["checks"]
+    (comparison,) = [c for c in records if c["name"].startswith("euclidean-comparison/")]
+    tuned = comparison["iterations_tuned_eta"]
+    starts = {"starts 0.1/1/10": "1", "start mixed": "mixed"}
+    starts.update({f"start {c}": c for c in ("0.1", "1", "10")})
+    for case in verify.tuned_cases(records):
+        start = starts[case["start"]]
+        assert case["psi"] == tuned["psi-gd"]
+        assert case["euclidean"] == tuned[f"euclidean-gd@{start}"]
+        psi_fewer = case["euclidean"] is None or (
+            case["psi"] is not None and case["psi"] < case["euclidean"]
+        )
+        assert (case["faster"] == "psi") == (psi_fewer and case["psi"] is not None)
+    text = "\n".join(verify.bottom_line(records))
+    wins = [c for c in verify.tuned_cases(records) if c["faster"] == "psi"]
+    for case in verify.tuned_cases(records):
+        described = f"{case['problem']}, {case['start']}: PSI {case['psi']}, Euclidean "
+        assert described + str(case["euclidean"]) in text
+    if wins and len(wins) < len(verify.tuned_cases(records)):
+        assert f"reproduces in {len(wins)} of" in text
+
+
+def _comparison(problem: str, psi: int, euclidean: dict[str, int | None]) -> dict:
+    """A comparison record with the tuned counts ``psi`` and ``euclidean`` (per start)."""
+
+    def faster(euclidean_count):
+        if euclidean_count is None or psi < euclidean_count:
+            return "psi"
+        return "euclidean" if euclidean_count < psi else "tie"
+
     return {
         "name": f"euclidean-comparison/{problem}",
         "problem": problem,
         "faster": {
-            "equal_eta": dict.fromkeys(starts, equal),
-            "tuned_eta": dict.fromkeys(starts, tuned),
+            "equal_eta": {start: "psi" for start in euclidean},
+            "tuned_eta": {start: faster(count) for start, count in euclidean.items()},
         },
-        "iterations_tuned_eta": {"psi-gd": 10, "euclidean-gd@1": 20},
+        "iterations_tuned_eta": {
+            "psi-gd": psi,
+            **{f"euclidean-gd@{start}": count for start, count in euclidean.items()},
+        },
     }
+
+
+def _starts(scaled: int | None, mixed: int | None) -> dict[str, int | None]:
+    return {"0.1": scaled, "1": scaled, "10": scaled, "mixed": mixed}
 
 
 def test_bottom_line_says_who_is_faster():
     assert verify.bottom_line([{"name": "gd-rate/x"}]) == []
-    mixed = "\n".join(
-        verify.bottom_line([_comparison("a", "psi", "psi"), _comparison("b", "psi", "euclidean")])
+    # the quick run's numbers: tuned Euclidean GD faster from c W_0, PSI GD from S W_0
+    split = "\n".join(verify.bottom_line([_comparison("bn", 16, _starts(11, 17))]))
+    assert "PSI GD faster in 4, Euclidean GD in 0" in split
+    assert "mixed: PSI GD faster in 1, Euclidean GD in 1, tie in 0." in split
+    assert (
+        "reproduces in 1 of 2 cases only (bn, start mixed: PSI 16, Euclidean 17), not in the "
+        "other 1 (bn, starts 0.1/1/10: PSI 16, Euclidean 11)" in split
     )
-    assert "PSI GD faster in 8, Euclidean GD in 0" in mixed
-    assert "reproduces in 2 of 4 cases only (on a)" in mixed
-    lost = "\n".join(verify.bottom_line([_comparison("b", "psi", "euclidean")]))
+    lost = "\n".join(verify.bottom_line([_comparison("b", 20, _starts(10, 20))]))
     assert "does not reproduce against tuned Euclidean GD" in lost
-    won = "\n".join(verify.bottom_line([_comparison("a", "psi", "psi")]))
-    assert "PSI GD was faster in every case" in won
+    assert "tie in 1" in lost
+    won = "\n".join(
+        verify.bottom_line(
+            [_comparison("a", 10, _starts(20, None)), _comparison("c", 5, _starts(6, 7))]
+        )
+    )
+    assert "reproduces: PSI GD needed fewer iterations than tuned Euclidean GD in every case" in won
+    assert "Bottom line (2 problems" in won
+    # counts that differ between the starts c W_0 are listed one by one
+    apart = verify.tuned_cases([_comparison("d", 10, {"0.1": 9, "1": 11, "10": 12, "mixed": 8})])
+    assert [(c["start"], c["euclidean"], c["faster"]) for c in apart] == [
+        ("start 0.1", 9, "euclidean"),
+        ("start 1", 11, "psi"),
+        ("start 10", 12, "psi"),
+        ("start mixed", 8, "euclidean"),
+    ]
+
+
+def test_holds_is_the_stated_relation():
+    assert checks.holds(1.0, "<=", 1.0) and checks.holds(1.0, ">=", 1.0)
+    assert checks.holds(0.5, "<=", 1.0) and not checks.holds(0.5, ">=", 1.0)
+    assert checks.holds(-2, ">=", -3) and not checks.holds(-2, "<=", -3)
+    for missing in (None, math.nan):
+        assert not checks.holds(missing, "<=", 1.0) and not checks.holds(missing, ">=", 1.0)
+        assert not checks.holds(1.0, "<=", missing)
+    with pytest.raises(ValueError, match="relation"):
+        checks.holds(1.0, "<", 2.0)
+
+
+def test_table_reads_old_records_without_relation_as_at_most():
+    record = {"name": "old/x", "hypotheses_hold": True, "observed": 0.5, "bound": 1.0}
+    (row,) = verify.format_checks([{**record, "passed": True}]).splitlines()[2:]
+    assert row.split()[-4:] == ["0.5", "<=", "1", "pass"]
+
+
+def test_table_shows_enough_digits_to_tell_the_sides_apart():
+    record = {
+        "name": "x",
+        "hypotheses_hold": True,
+        "observed": 0.50001,
+        "relation": "<=",
+        "bound": 0.5,
+        "passed": False,
+    }
+    (row,) = verify.format_checks([record]).splitlines()[2:]
+    assert row.split()[-4:] == ["0.50001", "<=", "0.5", "FAIL"]
+
+
+def test_plot_labels_are_mathtext():
+    parser = mathtext.MathTextParser("path")
+    for _, title, ylabel, bound_label in FIGURES.values():
+        for label in (title, ylabel, bound_label):
+            assert label.count("$") == 2, label
+            parser.parse(label[label.index("$") : label.rindex("$") + 1])
+
+
+def test_package_docstring_explains_the_records():
+    doc = psi_geoopt.theory.__doc__
+    assert doc is not None and "psi-geoopt verify" in doc.splitlines()[0]
+    assert "relation" in doc and "passed" in doc
 
 
 def test_failures_flags_failed_checks_and_silent_controls():
@@ -168,14 +308,14 @@ def test_failures_flags_failed_checks_and_silent_controls():
         {
             "name": "fired",
             "hypotheses_hold": False,
-            "passed": True,
+            "passed": False,
             "expect_violation": True,
             "violated": True,
         },
         {
             "name": "silent",
             "hypotheses_hold": False,
-            "passed": False,
+            "passed": True,
             "expect_violation": True,
             "violated": False,
         },

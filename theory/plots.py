@@ -16,14 +16,27 @@ from matplotlib.ticker import NullFormatter
 __all__ = ["FIGURES", "plot_rates"]
 
 FIGURES = {
-    "gd-rate": ("gd_rate.png", "PSI GD, eta = 1/L", "min_{t<T} |grad f|_g^2"),
-    "sgd-rate": ("sgd_rate.png", "PSI SGD, constant eta = 1/L", "min_{t<T} E|grad f|_g^2"),
+    "gd-rate": (
+        "gd_rate.png",
+        r"PSI GD, $\eta = 1/L$",
+        r"$\min_{t<T}\ \|\mathrm{grad}\, f(w_t)\|_g^2$",
+        r"bound $2(f(w_0) - f^*)/(\eta T)$",
+    ),
+    "sgd-rate": (
+        "sgd_rate.png",
+        r"PSI SGD, constant $\eta = 1/L$",
+        r"$\min_{t<T}\ E\|\mathrm{grad}\, f(w_t)\|_g^2$",
+        r"bound $2(f(w_0) - f^*)/(\eta T) + L\eta\sigma^2$",
+    ),
     "sgd-schedule": (
         "sgd_schedule.png",
-        "PSI SGD, eta_T = sqrt(T_0/T)/L",
-        "min_{t<T} E|grad f|_g^2",
+        r"PSI SGD, $\eta_T = \sqrt{T_0/T}\,/L$",
+        r"$\min_{t<T}\ E\|\mathrm{grad}\, f(w_t)\|_g^2$",
+        r"bound $2(f(w_0) - f^*)/(\eta_T T) + L\eta_T\sigma^2$",
     ),
 }
+"""Per kind of rate check: file name, title, y-axis label and the bound's legend entry
+(matplotlib mathtext)."""
 
 
 def _positive(values: Sequence[float]) -> np.ndarray:
@@ -36,7 +49,7 @@ def plot_rates(records: Sequence[dict], directory: Path) -> list[Path]:
     """One PNG per kind of rate check (:data:`FIGURES`), one panel per problem, with the
     measured curve and the bound on log-log axes; returns the files written."""
     written = []
-    for kind, (filename, title, ylabel) in FIGURES.items():
+    for kind, (filename, title, ylabel, bound_label) in FIGURES.items():
         selected = [r for r in records if r["name"].startswith(kind + "/") and "series" in r]
         if not selected:
             continue
@@ -49,10 +62,12 @@ def plot_rates(records: Sequence[dict], directory: Path) -> list[Path]:
             series = record["series"]
             marker = "o" if kind == "sgd-schedule" else None
             axis.loglog(series["T"], _positive(series["observed"]), marker=marker, label="observed")
-            axis.loglog(series["T"], _positive(series["bound"]), "--", marker=marker, label="bound")
+            axis.loglog(
+                series["T"], _positive(series["bound"]), "--", marker=marker, label=bound_label
+            )
             status = "pass" if record["passed"] else "FAIL"
             axis.set_title(f"{record['problem']} ({status})", fontsize=9)
-            axis.set_xlabel("T")
+            axis.set_xlabel("horizon $T$" if kind == "sgd-schedule" else "$T$")
             axis.set_ylabel(ylabel, fontsize=8)
             if kind == "sgd-schedule":
                 axis.xaxis.set_minor_formatter(NullFormatter())

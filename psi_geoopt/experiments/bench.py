@@ -20,6 +20,10 @@ over rounds:
 
 Momentum 0.9 for SGD, learning rate 1e-3 for Adam. Ratios are to the first optimizer of each
 table (``torch.optim.SGD``, ``torch.optim.Adam``).
+
+``--quick`` runs ResNet-18's shapes only, 5 rounds (20 of the training step), and leaves out
+the slowest rows: the reference loop, geoopt's ``RiemannianAdam`` and the compiled path. It
+keeps the default path, the row of the README's headline ratio.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ TRAINING_ROUNDS = 20
 """Rounds of the training step per round of the optimizer steps: a training step of the
 ConvNet is a few milliseconds, so many more rounds fit in the same time and narrow its
 median."""
+QUICK_TRAINING_ROUNDS = 4
+"""The same with ``--quick``."""
 Shapes = list[tuple[int, ...]]
 
 
@@ -93,16 +99,25 @@ class Contender:
     psi: bool
 
 
-def contenders(compile: bool, device: str = "cpu", default: bool = True) -> list[Contender]:
+def contenders(
+    compile: bool, device: str = "cpu", default: bool = True, reference: bool = True
+) -> list[Contender]:
     """The SGD variants; ``compile``: with ``compile=True``, ``default``: with the default
-    ``compile=None`` (on large groups on CPU also :func:`torch.compile`)."""
+    ``compile=None`` (on large groups on CPU without Numba also :func:`torch.compile`),
+    ``reference``: with the reference loop (``foreach=False``)."""
     hyper = dict(lr=LEARNING_RATE, momentum=MOMENTUM)
     entries = [
         Contender("torch SGD foreach", lambda p: torch.optim.SGD(p, foreach=True, **hyper), False),
         Contender("geoopt RiemannianSGD", lambda p: geoopt.optim.RiemannianSGD(p, **hyper), True),
-        Contender("PSI reference loop", lambda p: RiemannianSGD(p, foreach=False, **hyper), True),
-        Contender("PSI fast path eager", lambda p: RiemannianSGD(p, compile=False, **hyper), True),
     ]
+    if reference:
+        loop = Contender(
+            "PSI reference loop", lambda p: RiemannianSGD(p, foreach=False, **hyper), True
+        )
+        entries.append(loop)
+    entries.append(
+        Contender("PSI fast path eager", lambda p: RiemannianSGD(p, compile=False, **hyper), True)
+    )
     if default:
         entries.append(
             Contender("PSI fast path default", lambda p: RiemannianSGD(p, **hyper), True)
@@ -167,14 +182,16 @@ def _summary(samples: dict[str, list[float]], baseline: str) -> dict[str, dict[s
     return summary
 
 
-def adam_contenders() -> list[Contender]:
-    return [
+def adam_contenders(geoopt_loop: bool = True) -> list[Contender]:
+    """The Adam variants; ``geoopt_loop``: with geoopt's ``RiemannianAdam`` (the slowest)."""
+    entries = [
         Contender(
             "torch Adam foreach", lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True), False
         ),
         Contender("geoopt RiemannianAdam", lambda p: geoopt.optim.RiemannianAdam(p, lr=1e-3), True),
         Contender("PSI RiemannianAdam fast", lambda p: RiemannianAdam(p, lr=1e-3), True),
     ]
+    return entries if geoopt_loop else [entries[0], entries[2]]
 
 
 def bench_steps(model: str, rounds: int, entries: list[Contender], device: str) -> dict:
@@ -199,13 +216,16 @@ def _convnet(psi: bool, images: torch.Tensor) -> nn.Module:
     return model
 
 
-def bench_training(batch_size: int, rounds: int, compile: bool, device: str) -> dict:
-    """Forward + backward + step of the demo ConvNet on ``(batch, 1, 8, 8)`` inputs."""
+def bench_training(
+    batch_size: int, rounds: int, compile: bool, device: str, reference: bool = True
+) -> dict:
+    """Forward + backward + step of the demo ConvNet on ``(batch, 1, 8, 8)`` inputs, with the
+    SGD variants of :func:`contenders`."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 1, 8, 8, generator=generator).to(device)
     labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
     actions = {}
-    for contender in contenders(compile, device):
+    for contender in contenders(compile, device, reference=reference):
         model = _convnet(contender.psi, images)
         optimizer = contender.build(list(model.parameters()))
 
@@ -232,7 +252,10 @@ def _print_table(title: str, summary: dict[str, dict[str, float]]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument(
-        "--quick", action="store_true", help="fewer rounds, ResNet-18 only, no compiled path"
+        "--quick",
+        action="store_true",
+        help="fewer rounds, ResNet-18 only, without the reference loop, geoopt's "
+        "RiemannianAdam and the compiled path",
     )
     parser.add_argument(
         "--device",
@@ -258,6 +281,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     compile = not (args.quick or args.no_compile)
     info = machine_description(device)
+    # the default path compiles (torch.compile) only on CPUs without Numba
+    default = compile or device != "cpu" or info["numba"] is not None
+    reference = not args.quick
     print("machine: " + ", ".join(f"{key}={value}" for key, value in info.items()))
     if device == "cpu" and info["numba"] is None:
         print(
@@ -267,8 +293,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"momentum {MOMENTUM}, lr {LEARNING_RATE}, {rounds} interleaved rounds, median")
     results: dict[str, object] = {"machine": info, "rounds": rounds, "steps": {}, "adam": {}}
     for model in ("resnet18",) if args.quick else tuple(MODELS):
-        sgd = contenders(compile, device, default=compile)
-        for key, entries in (("steps", sgd), ("adam", adam_contenders())):
+        sgd = contenders(compile, device, default=default, reference=reference)
+        adam = adam_contenders(geoopt_loop=not args.quick)
+        for key, entries in (("steps", sgd), ("adam", adam)):
             entry = bench_steps(model, rounds, entries, device)
             results[key][model] = entry
             _print_table(
@@ -277,11 +304,12 @@ def run(args: argparse.Namespace) -> int:
                 entry["results"],
             )
     batch_size = 64
-    training = bench_training(batch_size, rounds * TRAINING_ROUNDS, compile, device)
+    training_rounds = rounds * (QUICK_TRAINING_ROUNDS if args.quick else TRAINING_ROUNDS)
+    training = bench_training(batch_size, training_rounds, compile, device, reference)
     results["training_step"] = training
     _print_table(
         f"training step (forward + backward + step), convnet-bn, batch {batch_size} of 1x8x8, "
-        f"{rounds * TRAINING_ROUNDS} rounds",
+        f"{training_rounds} rounds",
         training["results"],
     )
     if args.json:

@@ -346,11 +346,14 @@ def run(args: argparse.Namespace) -> int:
     selected = [record for record in runs if RunSpec.from_record(record).key() in planned_keys]
     summary = write_report(selected, args, grid)
     print(summary)
-    print(f"finished after {time.perf_counter() - start:.0f} s")
+    print(
+        f"{'interrupted' if interrupted else 'finished'} after {time.perf_counter() - start:.0f} s"
+    )
     if interrupted:
         print(
-            f"interrupted: {results_path} holds {len(runs)} finished runs; run the same "
-            "command with --resume to continue",
+            f"interrupted: {results_path} holds {len(runs)} finished "
+            f"run{'' if len(runs) == 1 else 's'}; run the same command with --resume to "
+            "continue",
             file=sys.stderr,
         )
         return 130
@@ -569,6 +572,7 @@ def write_report(runs: list[dict], args: argparse.Namespace, grid: dict) -> str:
                     s.mean_curve(),
                     runs[0]["log_every"],
                     linestyle="-" if s.optimizer.startswith(("psi", "sphere")) else "--",
+                    steps=grid["steps"],
                 )
                 for s in optimizers
             ],

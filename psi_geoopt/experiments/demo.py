@@ -17,9 +17,11 @@ factors well below 1 would make :math:`\epsilon` matter. Rounding and this resid
 amplified by SGD's sensitivity to tiny perturbations, so "same trajectory" is measured as the
 largest difference between the two loss curves, printed for both optimizers.
 
-Writes DIR/results.json (one entry per run; ``init_scale`` is 1 for the default initialization
-and, for the rescaled one, the factors applied: weight name → one factor per channel) and
-DIR/loss_curves.png. Deterministic for a given seed and thread count.
+Writes DIR/results.json (one entry per run; ``init_scale`` is the number every PSI weight was
+multiplied by, 1 here, and ``channel_factors`` the per-channel factors applied on top of it:
+weight name → one factor per channel, ``{}`` for the default initialization) and
+DIR/loss_curves.png. The loss is logged as a mean over windows of 10 steps, the last one cut
+at the last step. Deterministic for a given seed and thread count.
 """
 
 from __future__ import annotations
@@ -102,10 +104,12 @@ def channel_factors(seed: int, batch_size: int) -> dict[str, torch.Tensor]:
     return factors
 
 
-def _max_curve_difference(first: TrainResult, second: TrainResult) -> float:
+def _max_curve_difference(first: TrainResult, second: TrainResult) -> float | None:
+    """Largest difference between the two loss curves; ``None`` if either is empty (the run
+    diverged at its first step)."""
     return max(
         (abs(a - b) for a, b in zip(first.loss_curve, second.loss_curve, strict=False)),
-        default=math.nan,
+        default=None,
     )
 
 
@@ -116,21 +120,32 @@ def _summary(results: dict[tuple[str, str], TrainResult]) -> list[str]:
     for optimizer in OPTIMIZERS:
         same, rescaled = results[optimizer, "same"], results[optimizer, "rescaled"]
         differences[optimizer] = _max_curve_difference(same, rescaled)
+        curves = (
+            "no loss was logged (the loss was not finite at the first step)"
+            if differences[optimizer] is None
+            else f"the loss curves differ by at most {differences[optimizer]:.3g}"
+        )
         lines.append(
-            f"- {optimizer}: from the two equivalent initializations the loss curves differ by "
-            f"at most {differences[optimizer]:.3g}; final train loss "
+            f"- {optimizer}: from the two equivalent initializations {curves}; final train loss "
             f"{_number(same.final_train_loss)} vs {_number(rescaled.final_train_loss)}; "
             f"steps to loss <= {TARGET_LOSS:g}: "
             f"{_number(same.steps_to_target)} vs {_number(rescaled.steps_to_target)}; test "
             f"accuracy {100 * same.test_accuracy:.1f}% vs {100 * rescaled.test_accuracy:.1f}%."
         )
     psi, sgd = differences["psi-sgd"], differences["sgd"]
-    if psi < sgd / 10:
+    if psi is None or sgd is None:
+        lines.append("Not measured: a run diverged before the first loss was logged.")
+    elif psi < sgd / 10:
+        closer = (
+            f"coincide up to rounding and BN's epsilon ({psi:.2g}), about {sgd / psi:.0f} times "
+            "closer than"
+            if psi > 0
+            else "coincide exactly, unlike"
+        )
         lines.append(
-            f"PSI SGD does not see the rescaling: its two runs coincide up to rounding and BN's "
-            f"epsilon ({psi:.2g}), about {sgd / psi:.0f} times closer than Euclidean SGD's "
+            f"PSI SGD does not see the rescaling: its two runs {closer} Euclidean SGD's "
             f"({sgd:.2g}), whose effective learning rate per channel was divided by c^2 in "
-            f"[1, 100]."
+            "[1, 100]."
         )
     else:
         lines.append(
@@ -171,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
                     dataset,
                     lr=LEARNING_RATE,
                     seed=args.seed,
-                    init_scale=1.0 if initialization == "same" else factors,
+                    channel_factors=None if initialization == "same" else factors,
                     steps=args.steps,
                     batch_size=args.batch_size,
                     target_loss=TARGET_LOSS,
@@ -189,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
                         "batch_size": args.batch_size,
                         "target_loss": TARGET_LOSS,
                         "initialization": initialization,
-                        "init_scale": 1.0
+                        "init_scale": 1.0,
+                        "channel_factors": {}
                         if initialization == "same"
                         else {name: c.tolist() for name, c in factors.items()},
                         **result.as_dict(),
@@ -205,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
                 color=CURVE_COLORS[optimizer, initialization],
                 linestyle="-" if initialization == "same" else "--",
                 linewidth=3.0 if initialization == "same" else 1.5,
+                steps=args.steps,
             )
             for (optimizer, initialization), result in results.items()
         ],

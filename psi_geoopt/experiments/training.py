@@ -4,7 +4,9 @@ r"""The one training loop of the experiments: seeded minibatch training and its 
 generator seeded with ``seed``, incomplete last batches dropped so every BatchNorm batch has
 ``batch_size`` samples), takes ``steps`` optimizer steps and measures:
 
-- ``loss_curve``: the mean minibatch loss over each window of ``log_every`` steps;
+- ``loss_curve``: the mean minibatch loss over each window of ``log_every`` steps; when
+  ``steps`` is not a multiple of ``log_every`` the last window is shorter and ends at the last
+  step (entry ``i`` ends at step ``min((i + 1) * log_every, steps)``);
 - ``steps_to_target``: the first step at which that windowed mean is at most ``target_loss``
   (``None`` if never);
 - ``final_train_loss``: the training objective after the last step — the loss on the whole
@@ -155,8 +157,8 @@ def train(
         window.append(value)
         if on_step is not None:
             on_step(step, value)
-        if len(window) == log_every:
-            loss_curve.append(sum(window) / log_every)
+        if len(window) == log_every or step == steps:
+            loss_curve.append(sum(window) / len(window))
             window.clear()
             if steps_to_target is None and loss_curve[-1] <= target_loss:
                 steps_to_target = step
@@ -218,7 +220,8 @@ def train_from_scratch(
     *,
     lr: float,
     seed: int,
-    init_scale: float | dict[str, torch.Tensor] = 1.0,
+    init_scale: float = 1.0,
+    channel_factors: dict[str, torch.Tensor] | None = None,
     steps: int,
     batch_size: int = 64,
     log_every: int = 10,
@@ -228,14 +231,16 @@ def train_from_scratch(
     """Build ``model_name`` from ``seed``, rescale its PSI weights, then :func:`train` it.
 
     The PSI weights (:func:`scale_invariant_weights`) are multiplied by ``init_scale`` (one
-    number for all, or per-group factors as in :func:`~psi_geoopt.experiments.models.rescale`)
-    before the optimizer ``optimizer_name`` converts the model, so every optimizer starts from
-    the same base initialization.
+    number for all) and then by ``channel_factors`` if given (per-group factors as in
+    :func:`~psi_geoopt.experiments.models.rescale`) before the optimizer ``optimizer_name``
+    converts the model, so every optimizer starts from the same base initialization.
     """
     example_inputs = dataset.train_inputs[:batch_size]
     model = build_model(model_name, seed, dataset.num_classes)
     scale_invariant = scale_invariant_weights(model_name, dataset, batch_size)
     rescale(model, scale_invariant, init_scale)
+    if channel_factors is not None:
+        rescale(model, scale_invariant, channel_factors)
     optimizer = build_optimizer(optimizer_name, model, scale_invariant, example_inputs, lr)
     return train(
         model,

@@ -1,0 +1,110 @@
+"""The shell commands of README.md and notebooks/README.md run as written after the quick
+start, and the README's synopses list every option of their sub-command.
+
+Every command of a ``bash`` block is checked without running anything long and without the
+network: sub-commands of ``psi-geoopt`` are parsed by the real parser, ``compare`` must not
+need a package that the quick start does not install, files and folders named must exist.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from psi_geoopt import cli
+from psi_geoopt.experiments import optimizers
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+VENV_BIN = ".venv/bin/"
+
+
+def _bash_commands(text: str) -> list[list[str]]:
+    """The commands of every ``bash`` block: continuation lines joined, split at ``&&``."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            while words:
+                end = words.index("&&") if "&&" in words else len(words)
+                commands.append(words[:end])
+                words = words[end + 1 :]
+    return commands
+
+
+COMMANDS = _bash_commands(README) + _bash_commands((ROOT / "notebooks" / "README.md").read_text())
+
+
+def _environment(words: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Leading ``NAME=value`` assignments and the command after them."""
+    index = 0
+    while index < len(words) and re.fullmatch(r"[A-Z_]+=\S*", words[index]):
+        index += 1
+    return dict(word.split("=", 1) for word in words[:index]), words[index:]
+
+
+def test_the_readme_has_shell_commands():
+    programs = {words[0] for words in COMMANDS}
+    assert {"bash", f"{VENV_BIN}psi-geoopt", f"{VENV_BIN}python"} <= programs
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=shlex.join)
+def test_command_runs_as_written_after_the_quick_start(words):
+    """A script of the repository, or a program of the quick start's environment."""
+    variables, words = _environment(words)
+    assert set(variables) <= {"TORCH_INDEX_URL", "TORCH_SPEC"}, variables
+    program, *arguments = words
+    if program == "bash":
+        assert (ROOT / arguments[0]).is_file(), arguments
+        return
+    assert program.startswith(VENV_BIN), f"{program!r} is not on PATH after the quick start"
+    name = program.removeprefix(VENV_BIN)
+    if name == "psi-geoopt":
+        args = cli.build_parser().parse_args(arguments)  # SystemExit on a bad option
+        if args.command == "compare" and args.optimizers:
+            needs = {o for o in args.optimizers if optimizers.OPTIMIZERS[o].requires}
+            assert not needs, f"{needs} need a package the quick start does not install"
+    elif name == "python":
+        module, *rest = arguments[1:] if arguments[0] == "-m" else arguments
+        assert arguments[0] == "-m" and module in {"pip", "pytest"}, arguments
+        if module == "pip":
+            assert rest[0] == "install" and all(re.fullmatch(r"[a-z]+", p) for p in rest[1:])
+        else:
+            for path in (word for word in rest if not word.startswith("-")):
+                if not path.isdigit():
+                    assert (ROOT / path.split("::")[0]).exists(), path
+    elif name == "jupyter":
+        assert arguments[0] == "lab" and (ROOT / arguments[1]).is_dir(), arguments
+    else:
+        pytest.fail(f"no check for {program!r}: add one here")
+
+
+def test_the_entry_point_is_in_the_environment():
+    """``.venv/bin/psi-geoopt`` exists next to this interpreter and answers ``--help``."""
+    script = Path(sys.executable).parent / "psi-geoopt"
+    if not script.exists():
+        pytest.skip(f"psi-geoopt is not installed next to {sys.executable}")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for command in cli.COMMANDS:
+        assert command in result.stdout
+
+
+def _options(command: str) -> set[str]:
+    parser = cli.build_parser()
+    (subparsers,) = [a for a in parser._actions if a.dest == "command"]
+    sub = subparsers.choices[command]
+    return {o for action in sub._actions for o in action.option_strings if o.startswith("--")}
+
+
+@pytest.mark.parametrize("command", ["demo", "verify", "bench"])
+def test_synopsis_lists_every_option(command):
+    """The README's ``psi-geoopt COMMAND [...]`` synopsis names each option of the parser."""
+    (synopsis,) = re.findall(rf"`psi-geoopt {command}( \[[^`]*\])`", README)
+    listed = set(re.findall(r"\[(--[a-z-]+)", synopsis))
+    assert listed == _options(command) - {"--help"}
