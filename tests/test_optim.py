@@ -39,7 +39,7 @@ def cpu_step(request, monkeypatch):
     """Which implementation runs the fast path's PSI step on CPU: the compiled loop of
     :mod:`psi_geoopt.numba_step`, or NumPy operations (as without Numba installed)."""
     if request.param == "numba":
-        if psi_optim._kernel_module("numba_step") is None:
+        if psi_optim._kernel_module("kernels.numba") is None:
             pytest.skip("Numba is not installed")
     else:
         monkeypatch.setattr(psi_optim, "_numba_step", lambda xp: None)
@@ -141,7 +141,7 @@ def test_fast_path_half_precision_close_to_reference(nesterov, dtype):
 def test_numba_kernel_runs_on_cpu(cpu_step, monkeypatch):
     """With Numba installed, every PSI tensor of both optimizers takes the compiled loop
     (serial or threaded by size), and ``compile=False`` keeps RiemannianSGD eager."""
-    from psi_geoopt import numba_step
+    from psi_geoopt.optim.kernels import numba as numba_step
 
     shapes = []
     for name in ("_SERIAL", "_PARALLEL"):

@@ -72,7 +72,7 @@ def test_kernel_compiles_for_gpus(capability, storage):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from psi_geoopt.triton_step import _psi_kernel
+    from psi_geoopt.optim.kernels.triton import _psi_kernel
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton has no NVIDIA backend")
@@ -114,7 +114,7 @@ def kernel(monkeypatch):
     """The PSI tensors of the fast paths go through the kernel (in the interpreter: on CPU);
     yields the list of launches (SGD: its ``first`` flag, Adam: ``"adam"``), and fails a
     test whose steps never launch it."""
-    from psi_geoopt import triton_step
+    from psi_geoopt.optim.kernels import triton as triton_step
 
     launches = []
     if INTERPRETED:

@@ -39,7 +39,7 @@ import numpy
 import torch
 from torch.autograd.graph import increment_version
 
-from .manifold import PSIManifold
+from ..manifold import PSIManifold
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -515,7 +515,7 @@ def _kernel_module(name: str) -> ModuleType | None:
     PyTorch < 2.5."""
     if name not in _KERNELS:
         module = None
-        if name != "triton_step" or torch.torch_version.TorchVersion(torch.__version__) >= "2.5":
+        if name != "kernels.triton" or torch.torch_version.TorchVersion(torch.__version__) >= "2.5":
             try:
                 module = importlib.import_module(f"{__package__}.{name}")
             except ImportError:
@@ -525,13 +525,13 @@ def _kernel_module(name: str) -> ModuleType | None:
 
 
 def _triton_step() -> ModuleType | None:
-    return _kernel_module("triton_step")
+    return _kernel_module("kernels.triton")
 
 
 def _numba_step(xp: ModuleType) -> ModuleType | None:
     """:mod:`psi_geoopt.numba_step` where it runs: for the NumPy views of CPU tensors
     (``xp`` NumPy, :func:`_algebra_module`) with Numba installed; else ``None``."""
-    return _kernel_module("numba_step") if xp is numpy else None
+    return _kernel_module("kernels.numba") if xp is numpy else None
 
 
 def _sgd_hyper_parameters(lr: float, momentum: float, dampening: float) -> tuple[float, ...]:
