@@ -26,6 +26,8 @@ import torch._dynamo
 import psi_geoopt.optim as psi_optim
 from psi_geoopt import PSIManifold
 from psi_geoopt.bench import MODELS
+from psi_geoopt.optim import rsgd
+from psi_geoopt.optim.kernels import compiled
 
 VARIANTS = {
     "compiled (default)": ({}, False),
@@ -66,7 +68,7 @@ def main(device: str, model: str, rounds: int) -> None:
     def compiled_step(tag: str, options: dict, static: bool):
         namespace: dict = {}
         source = "def steps(*args, **kwargs):\n    return po._psi_fused_steps(*args, **kwargs)\n"
-        exec(compile(source, f"<{tag}>", "exec"), {"po": psi_optim}, namespace)  # own code object
+        exec(compile(source, f"<{tag}>", "exec"), {"po": compiled}, namespace)  # own code object
         function = torch.compile(namespace["steps"], dynamic=False, options=options)
         views: dict = {}
 
@@ -100,13 +102,13 @@ def main(device: str, model: str, rounds: int) -> None:
         replacement = compiled_step(name, options, static)
 
         def step(optimizer=optimizer, replacement=replacement) -> None:
-            originals = psi_optim._compiled_psi_sgd, psi_optim._takes_kernel
-            psi_optim._compiled_psi_sgd = replacement
-            psi_optim._takes_kernel = lambda point, group_size: False  # torch.compile on CUDA
+            originals = rsgd._compiled_psi_sgd, rsgd._takes_kernel
+            rsgd._compiled_psi_sgd = replacement
+            rsgd._takes_kernel = lambda point, group_size: False  # torch.compile on CUDA
             try:
                 optimizer.step()
             finally:
-                psi_optim._compiled_psi_sgd, psi_optim._takes_kernel = originals
+                rsgd._compiled_psi_sgd, rsgd._takes_kernel = originals
 
         start = time.perf_counter()
         for _ in range(4):

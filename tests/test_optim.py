@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-import psi_geoopt.optim as psi_optim
 from psi_geoopt import PSIManifold
-from psi_geoopt.optim import RiemannianAdam, RiemannianSGD
+from psi_geoopt.optim import RiemannianAdam, RiemannianSGD, _fused, radam, rsgd
+from psi_geoopt.optim.kernels import compiled
 
 STEPS = 25
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -39,10 +39,10 @@ def cpu_step(request, monkeypatch):
     """Which implementation runs the fast path's PSI step on CPU: the compiled loop of
     :mod:`psi_geoopt.numba_step`, or NumPy operations (as without Numba installed)."""
     if request.param == "numba":
-        if psi_optim._kernel_module("kernels.numba") is None:
+        if _fused._kernel_module("kernels.numba") is None:
             pytest.skip("Numba is not installed")
     else:
-        monkeypatch.setattr(psi_optim, "_numba_step", lambda xp: None)
+        monkeypatch.setitem(_fused._KERNELS, "kernels.numba", None)
     return request.param
 
 
@@ -414,7 +414,8 @@ def test_scalar_algebra_in_torch_matches_reference(monkeypatch, dtype):
     """Off the CPU the per-group algebra runs in PyTorch instead of NumPy: that branch, run
     here on CPU tensors, follows the reference loop too (SGD with Nesterov, Adam with
     amsgrad)."""
-    monkeypatch.setattr(psi_optim, "_algebra_module", lambda tensor: torch)
+    for module in (rsgd, radam):
+        monkeypatch.setattr(module, "_algebra_module", lambda tensor: torch)
     fast_params, reference_params = make_params(dtype), make_params(dtype)
     config = dict(momentum=0.9, nesterov=True, weight_decay=1e-3)
     fast = run(fast_params, **config)
@@ -434,7 +435,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(psi_optim, "_COMPILED", {})
+    monkeypatch.setattr(compiled, "_COMPILED", {})
     fast_params, reference_params = make_params(torch.float64), make_params(torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

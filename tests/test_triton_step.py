@@ -27,8 +27,7 @@ from test_optim import (
     run_adam,
 )
 
-import psi_geoopt.optim as psi_optim
-from psi_geoopt.optim import RiemannianSGD
+from psi_geoopt.optim import RiemannianSGD, radam, rsgd
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="Triton is not installed"
@@ -118,9 +117,10 @@ def kernel(monkeypatch):
 
     launches = []
     if INTERPRETED:
-        monkeypatch.setattr(
-            psi_optim, "_takes_kernel", lambda point, size: size <= triton_step.MAX_ROW
-        )
+        for module in (rsgd, radam):
+            monkeypatch.setattr(
+                module, "_takes_kernel", lambda point, size: size <= triton_step.MAX_ROW
+            )
     sgd_step, adam_step = triton_step.psi_sgd_step, triton_step.psi_adam_step
 
     def counted_sgd(*args, **kwargs):

@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numba
 import numpy
 
-from .. import _adam_hyper_parameters, _sgd_hyper_parameters, _step_coefficients
+from .._closed_form import _adam_hyper_parameters, _sgd_hyper_parameters, _step_coefficients
 
 __all__ = ["psi_adam_rows", "psi_sgd_rows"]
 

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch.autograd.graph import increment_version
 
-from .. import _adam_hyper_parameters, _sgd_hyper_parameters
+from .._closed_form import _adam_hyper_parameters, _sgd_hyper_parameters
 
 __all__ = ["MAX_ROW", "psi_adam_step", "psi_sgd_step"]
 
