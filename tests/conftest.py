@@ -1,4 +1,5 @@
-"""Shared hypothesis strategies and helpers for the tests of :class:`psi_geoopt.PSIManifold`.
+"""Shared hypothesis strategies and helpers for the tests of :class:`psi_geoopt.PSIManifold`
+and of the optimizers.
 
 Groups are recomputed here independently of the manifold (move the group axis to the front
 and flatten the rest), so the tests compare the manifold with a second implementation.
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import geoopt
 import hypothesis.strategies as st
 import pytest
 import torch
+from torch import nn
 
 from psi_geoopt import PSIManifold
+from psi_geoopt.optim import RiemannianAdam, RiemannianSGD, _fused
 
 
 def group_matrix(t: torch.Tensor, dim: int | None) -> torch.Tensor:
@@ -137,3 +141,123 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The optimizers: parameters of every kind, fixed gradients, trajectories compared.
+
+STEPS = 25
+
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+CONFIGS = [
+    dict(momentum=0.0),
+    dict(momentum=0.0, weight_decay=1e-2),
+    dict(momentum=0.9),
+    dict(momentum=0.9, nesterov=True),
+    dict(momentum=0.9, nesterov=True, weight_decay=5e-4),
+    dict(momentum=0.5, dampening=0.3, weight_decay=1e-3),
+]
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def cpu_step(request, monkeypatch):
+    """Which implementation runs the fast path's PSI step on CPU: the compiled loop of
+    :mod:`psi_geoopt.numba_step`, or NumPy operations (as without Numba installed)."""
+    if request.param == "numba":
+        if _fused._kernel_module("kernels.numba") is None:
+            pytest.skip("Numba is not installed")
+    else:
+        monkeypatch.setitem(_fused._KERNELS, "kernels.numba", None)
+    return request.param
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """One parameter of each kind: PSI along axis 0 (fused), along other axes, on the whole
+    tensor, non-contiguous (reference loop), plain, on the sphere, and one without gradient.
+    Groups have norms spread over two orders of magnitude."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+    def psi(tensor, dim):
+        scaled = tensor * 10 ** (2 * torch.rand(tensor.shape[0], generator=generator) - 1).to(
+            torch.float64
+        ).reshape(-1, *[1] * (tensor.dim() - 1))
+        return geoopt.ManifoldParameter(scaled.to(dtype), manifold=PSIManifold(dim))
+
+    sphere = randn(4, 3)
+    return [
+        psi(randn(8, 3, 3, 3), 0),
+        psi(randn(16, 5), 0),
+        psi(randn(6, 4), None),
+        psi(randn(7), None),
+        psi(randn(5, 6), 1),
+        psi(randn(5, 6), -1),
+        psi(randn(6, 5).t(), 0),  # non-contiguous
+        nn.Parameter(randn(5).to(dtype)),
+        nn.Parameter(randn(3, 4).to(dtype)),
+        geoopt.ManifoldParameter(
+            (sphere / sphere.norm(dim=-1, keepdim=True)).to(dtype), manifold=geoopt.Sphere()
+        ),
+        psi(randn(4, 3), 0),  # never gets a gradient
+    ]
+
+
+def set_gradients(params: list[torch.Tensor], step: int) -> None:
+    """Gradients scaled like those of a scale-invariant loss (1 / group norm), fixed by step."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    for p in params[:-1]:
+        grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+        p.grad = (grad.to(p.device) / p.detach().double().norm()).to(p.dtype)
+
+
+def run(params, steps: int = STEPS, optimizer_class=RiemannianSGD, **options):
+    optimizer = optimizer_class(params, lr=0.05, **options)
+    for step in range(steps):
+        set_gradients(params, step)
+        optimizer.step()
+    return optimizer
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def assert_same_trajectory(fast, reference, fast_params, reference_params, rtol):
+    for index, (a, b) in enumerate(zip(fast_params, reference_params, strict=True)):
+        assert a.dtype == b.dtype
+        assert relative_error(a, b) <= rtol, (index, relative_error(a, b))
+        state_a, state_b = fast.state.get(a, {}), reference.state.get(b, {})
+        assert state_a.keys() == state_b.keys(), index
+        if "momentum_buffer" in state_a:
+            buffer_a, buffer_b = state_a["momentum_buffer"], state_b["momentum_buffer"]
+            assert buffer_a.shape == buffer_b.shape and buffer_a.dtype == buffer_b.dtype
+            assert relative_error(buffer_a, buffer_b) <= rtol, (index, "buffer")
+
+
+ADAM_CONFIGS = [
+    dict(),
+    dict(amsgrad=True),
+    dict(weight_decay=1e-2, stabilize=3),
+    dict(betas=(0.5, 0.9), eps=1e-3),
+]
+
+
+def run_adam(params, steps: int = STEPS, **options) -> RiemannianAdam:
+    return run(params, steps, RiemannianAdam, **options)
+
+
+def assert_same_adam_state(fast, reference, fast_params, reference_params, rtol):
+    for index, (a, b) in enumerate(zip(fast_params, reference_params, strict=True)):
+        assert relative_error(a, b) <= rtol, (index, relative_error(a, b))
+        state_a, state_b = fast.state.get(a, {}), reference.state.get(b, {})
+        assert state_a.keys() == state_b.keys(), index
+        for key in state_b:
+            if key == "step":
+                assert state_a[key] == state_b[key] and isinstance(state_a[key], int)
+            else:
+                assert relative_error(state_a[key], state_b[key]) <= rtol, (index, key)

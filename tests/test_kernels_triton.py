@@ -1,5 +1,5 @@
-"""The Triton kernel of the PSI SGD and Adam steps (:mod:`psi_geoopt.triton_step`) against the
-reference loop and geoopt's Adam.
+"""The Triton kernel of the PSI SGD and Adam steps (:mod:`psi_geoopt.optim.kernels.triton`)
+against the reference loop and geoopt's Adam.
 
 On a machine with a CUDA GPU the tests run the compiled kernel on CUDA tensors. Without one,
 :func:`test_kernel_tests_in_interpreter` runs them again in a fresh Python process with
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from test_optim import (
+from conftest import (
     ADAM_CONFIGS,
     CONFIGS,
     TOLERANCE,

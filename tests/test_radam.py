@@ -1,0 +1,98 @@
+"""The fast path of :class:`psi_geoopt.optim.RiemannianAdam` against geoopt's loop, with the
+PSI step on CPU compiled by Numba and as NumPy operations."""
+
+from __future__ import annotations
+
+import copy
+
+import geoopt
+import pytest
+import torch
+from conftest import (
+    ADAM_CONFIGS,
+    TOLERANCE,
+    assert_same_adam_state,
+    make_params,
+    relative_error,
+    run_adam,
+    set_gradients,
+)
+from torch import nn
+
+from psi_geoopt.optim import RiemannianAdam
+
+pytestmark = pytest.mark.usefixtures("cpu_step")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "config", ADAM_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default"
+)
+def test_adam_fast_path_follows_geoopt_loop(dtype, config):
+    """``foreach=False`` runs geoopt's loop for every parameter; the default takes the fast
+    path for the PSI parameters grouped along axis 0 and geoopt's loop for the others."""
+    fast_params, reference_params = make_params(dtype), make_params(dtype)
+    fast = run_adam(fast_params, **config)
+    reference = run_adam(reference_params, foreach=False, **config)
+    assert_same_adam_state(fast, reference, fast_params, reference_params, TOLERANCE[dtype])
+    assert relative_error(fast_params[0], make_params(dtype)[0]) > 0.1
+    assert not fast.state.get(fast_params[-1])  # geoopt's stabilize leaves an empty entry
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adam_fast_path_half_precision_close_to_geoopt_loop(dtype):
+    fast_params, reference_params = make_params(dtype), make_params(dtype)
+    fast = run_adam(fast_params, steps=10, amsgrad=True)
+    run_adam(reference_params, steps=10, amsgrad=True, foreach=False)
+    for a, b in zip(fast_params, reference_params, strict=True):
+        assert a.dtype == dtype
+        assert relative_error(a, b) <= TOLERANCE[dtype]
+    assert fast.state[fast_params[0]]["exp_avg_sq"].dtype == dtype
+
+
+def test_adam_fast_path_keeps_one_second_moment_per_group_and_the_gradient():
+    params = make_params(torch.float64)
+    optimizer = RiemannianAdam(params, lr=0.05, weight_decay=1e-2)
+    for step in range(3):
+        set_gradients(params, step)
+        grads = [params[0].grad.clone(), params[7].grad.clone()]  # PSI, Euclidean
+        optimizer.step()
+        assert torch.equal(params[0].grad, grads[0]) and torch.equal(params[7].grad, grads[1])
+    second = optimizer.state[params[0]]["exp_avg_sq"].flatten(1)
+    assert torch.equal(second, second[:, :1].expand_as(second))
+
+
+def test_adam_step_hooks_run_once():
+    """The fast path runs geoopt's loop for the other parameters inside its own step: the
+    optimizer's step hooks must still run once per step, also after an instance of geoopt's
+    class has wrapped that class's ``step`` with torch's hook runner."""
+    geoopt.optim.RiemannianAdam([nn.Parameter(torch.ones(2))], lr=0.1)
+    params = make_params(torch.float64)
+    optimizer = RiemannianAdam(params, lr=0.05)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+    set_gradients(params, 0)
+    optimizer.step()
+    assert calls == ["pre", "post"]
+
+
+def test_adam_resumes_across_paths():
+    """A checkpoint of the fast path continues under geoopt's loop, and back."""
+    config = dict(amsgrad=True, weight_decay=1e-3)
+    uninterrupted_params = make_params(torch.float64)
+    run_adam(uninterrupted_params, steps=10, **config)
+    for first, second in ((None, False), (False, None)):
+        params = make_params(torch.float64)
+        saved = copy.deepcopy(run_adam(params, steps=5, foreach=first, **config).state_dict())
+        resumed_params = make_params(torch.float64)
+        with torch.no_grad():
+            for target, source in zip(resumed_params, params, strict=True):
+                target.copy_(source)
+        resumed = RiemannianAdam(resumed_params, lr=0.05, foreach=second, **config)
+        resumed.load_state_dict(saved)
+        for step in range(5, 10):
+            set_gradients(resumed_params, step)
+            resumed.step()
+        for a, b in zip(resumed_params, uninterrupted_params, strict=True):
+            assert relative_error(a, b) <= 1e-12
