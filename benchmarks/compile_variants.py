@@ -9,8 +9,8 @@ as static addresses), and both. Each variant's iterates are checked against the 
     python benchmarks/compile_variants.py [cuda|cpu] [resnet18|resnet50] [ROUNDS]
 
 On CPU the CUDA-graph variants are skipped and only the first six convolutions are used. On
-CUDA the shipped step is the Triton kernel of ``psi_geoopt.triton_step``; this experiment, which
-led to it, forces :func:`torch.compile` there instead.
+CUDA the shipped step is the Triton kernel of ``psi_geoopt.optim.kernels.triton``; this
+experiment, which led to it, forces :func:`torch.compile` there instead.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch._dynamo
 import psi_geoopt.optim as psi_optim
 from psi_geoopt import PSIManifold
 from psi_geoopt.bench import MODELS
-from psi_geoopt.optim import rsgd
+from psi_geoopt.optim import _fused
 from psi_geoopt.optim.kernels import compiled
 
 VARIANTS = {
@@ -102,13 +102,13 @@ def main(device: str, model: str, rounds: int) -> None:
         replacement = compiled_step(name, options, static)
 
         def step(optimizer=optimizer, replacement=replacement) -> None:
-            originals = rsgd._compiled_psi_sgd, rsgd._takes_kernel
-            rsgd._compiled_psi_sgd = replacement
-            rsgd._takes_kernel = lambda point, group_size: False  # torch.compile on CUDA
+            originals = compiled.psi_sgd, _fused._takes_kernel
+            compiled.psi_sgd = replacement
+            _fused._takes_kernel = lambda point, group_size: False  # torch.compile on CUDA
             try:
                 optimizer.step()
             finally:
-                rsgd._compiled_psi_sgd, rsgd._takes_kernel = originals
+                compiled.psi_sgd, _fused._takes_kernel = originals
 
         start = time.perf_counter()
         for _ in range(4):

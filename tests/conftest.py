@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 import geoopt
 import hypothesis.strategies as st
+import numpy
 import pytest
 import torch
 from torch import nn
 
 from psi_geoopt import PSIManifold
 from psi_geoopt.optim import RiemannianAdam, RiemannianSGD, _fused
+from psi_geoopt.optim._closed_form import adam_hyper_parameters
 
 
 def group_matrix(t: torch.Tensor, dim: int | None) -> torch.Tensor:
@@ -164,12 +166,12 @@ CONFIGS = [
 @pytest.fixture(params=["numba", "numpy"])
 def cpu_step(request, monkeypatch):
     """Which implementation runs the fast path's PSI step on CPU: the compiled loop of
-    :mod:`psi_geoopt.numba_step`, or NumPy operations (as without Numba installed)."""
+    :mod:`psi_geoopt.optim.kernels.numba`, or NumPy operations (as without Numba installed)."""
     if request.param == "numba":
-        if _fused._kernel_module("kernels.numba") is None:
+        if _fused._kernel_module("numba") is None:
             pytest.skip("Numba is not installed")
     else:
-        monkeypatch.setitem(_fused._KERNELS, "kernels.numba", None)
+        monkeypatch.setitem(_fused._KERNELS, "numba", None)
     return request.param
 
 
@@ -261,3 +263,62 @@ def assert_same_adam_state(fast, reference, fast_params, reference_params, rtol)
                 assert state_a[key] == state_b[key] and isinstance(state_a[key], int)
             else:
                 assert relative_error(state_a[key], state_b[key]) <= rtol, (index, key)
+
+
+CLOSED_FORM_CASES = [
+    dict(momentum=0.0, keep=1.0, first=True, nesterov=False),  # no momentum: d = g
+    dict(momentum=0.9, keep=1.0, first=True, nesterov=False),
+    dict(momentum=0.9, keep=1.0, first=True, nesterov=True),
+    dict(momentum=0.9, keep=1.0, first=False, nesterov=False),
+    dict(momentum=0.9, keep=1.0, first=False, nesterov=True),
+    dict(momentum=0.5, keep=0.7, first=False, nesterov=False),  # dampening 0.3
+]
+"""Flag and momentum cases of the closed forms (``keep`` = 1 - dampening)."""
+
+ADAM_CASES = [(0.9, 0.999, 1e-8, 1, False), (0.9, 0.999, 1e-8, 7, True), (0.5, 0.9, 1e-3, 30, True)]
+"""``beta1, beta2, eps, step, amsgrad`` of the Adam closed form."""
+
+CLOSED_FORM_INPUTS = ("xx", "xu", "uu", "bu", "bb", "lr", "second", "peak")
+"""The per-group inputs of :func:`closed_form_outputs`."""
+
+
+def closed_form_inputs(seed: int = 0, groups: int = 64, size: int = 9) -> dict[str, numpy.ndarray]:
+    """Random inputs of the closed forms of :mod:`psi_geoopt.optim._closed_form`, float64:
+    ``x`` (norms over four decades), ``u`` (a gradient, scaled as a scale-invariant loss's),
+    ``b`` (a buffer horizontal at ``x``), ``lr`` (one per group), Adam's ``second``/``peak``
+    moments, and the per-group sums ``xx, xu, uu, bu, bb`` of ``x, u, b``."""
+    generator = numpy.random.default_rng(seed)
+    norms = 10.0 ** generator.uniform(-2, 2, (groups, 1))
+    x = generator.standard_normal((groups, size)) * norms
+    u = generator.standard_normal((groups, size)) / norms
+    b = generator.standard_normal((groups, size)) / norms
+    b -= numpy.vecdot(b, x)[:, None] * x / numpy.vecdot(x, x)[:, None]
+    return dict(
+        x=x,
+        u=u,
+        b=b,
+        lr=10.0 ** generator.uniform(-3, 0, groups),
+        second=generator.uniform(0, 2, groups),
+        peak=generator.uniform(0, 2, groups),
+        xx=numpy.vecdot(x, x),
+        xu=numpy.vecdot(x, u),
+        uu=numpy.vecdot(u, u),
+        bu=numpy.vecdot(b, u),
+        bb=numpy.vecdot(b, b),
+    )
+
+
+def closed_form_outputs(forms: dict, group: dict, case: dict, adam: tuple) -> tuple:
+    r"""The outputs of every closed form, ``forms`` (``gradient_norm``, ``step_coefficients``,
+    ``adam_step_size``: one backend's), on the inputs ``group`` (:data:`CLOSED_FORM_INPUTS`;
+    scalars or vectors): :math:`\|g\|_g^2`, the seven step coefficients, and Adam's second
+    moment, maximum and learning rate (with the learning rate 0.01)."""
+    beta1, beta2, eps, step, amsgrad = adam
+    lr, _, _, *hyper = adam_hyper_parameters(0.01, (beta1, beta2), eps, step)
+    norm = forms["gradient_norm"](group["xx"], group["xu"], group["uu"])
+    gg = group["xx"] * norm
+    coefficients = forms["step_coefficients"](
+        group["xx"], group["xu"], gg, group["bu"], group["bb"], group["lr"], **case
+    )
+    moments = forms["adam_step_size"](group["second"], group["peak"], norm, lr, *hyper, amsgrad)
+    return (norm, *coefficients, *moments)

@@ -10,7 +10,7 @@ from conftest import TOLERANCE, make_params, relative_error, run, run_adam
 @pytest.mark.parametrize("cpu_step", ["numba"], indirect=True)
 def test_numba_kernel_runs_on_cpu(cpu_step, monkeypatch):
     """With Numba installed, every PSI tensor of both optimizers takes the compiled loop
-    (serial or threaded by size), and ``compile=False`` keeps RiemannianSGD eager."""
+    (serial or threaded by size), and ``compile=False`` keeps both eager."""
     from psi_geoopt.optim.kernels import numba as numba_step
 
     shapes = []
@@ -27,6 +27,7 @@ def test_numba_kernel_runs_on_cpu(cpu_step, monkeypatch):
     assert sorted(shapes) == sorted(fused * 2)
     shapes.clear()
     run(make_params(torch.float32), steps=2, momentum=0.9, compile=False)
+    run_adam(make_params(torch.float32), steps=2, compile=False)
     assert shapes == []
 
 

@@ -1,62 +1,79 @@
-"""Riemannian SGD: the optimizer, its reference loop and its fast path."""
+r"""Riemannian SGD: the optimizer, its reference loop and its fast path.
+
+geoopt's :class:`geoopt.optim.RiemannianSGD` starts its momentum buffer from the raw Euclidean
+gradient, before weight decay and before :meth:`~geoopt.Manifold.egrad2rgrad`. On a PSI
+parameter that buffer is not horizontal and scales as :math:`1/c` when the point is rescaled by
+:math:`c`, while every later term scales as :math:`c`: equivalent starting points then follow
+non-equivalent trajectories. :class:`RiemannianSGD` is geoopt's optimizer with that one line
+changed (the buffer starts from the Riemannian gradient, as :class:`torch.optim.SGD`'s starts
+from the gradient), and it does not write weight decay into ``p.grad``.
+
+Two implementations of the same step live side by side, as in :mod:`torch.optim.sgd`, with one
+signature: :func:`_single_tensor_rsgd`, the reference loop calling the manifold's operations
+parameter by parameter, and :func:`_multi_tensor_rsgd`, the fast path: ``foreach`` operations
+for the Euclidean parameters, and for PSI parameters the fused step of :mod:`._fused` (closed
+forms from five per-group sums, :mod:`._closed_form`, run by the Triton kernel on CUDA, the
+Numba loop on CPU, :func:`torch.compile` or eager operations).
+"""
 
 from __future__ import annotations
 
 import geoopt
-import numpy
 import torch
 
-from ._closed_form import _psi_coefficients
-from ._fused import (
-    _algebra_module,
-    _as_tensor,
-    _fused_group_size,
-    _is_dtensor,
-    _local,
-    _manifold_of,
-    _numba_step,
-    _row_views,
-    _takes_kernel,
-    _triton_step,
-    _working_copies,
-    _write_back,
-)
-from .kernels.compiled import _compiled_psi_sgd
-from .kernels.eager import _psi_apply, _stacked_sums
+from ._fused import _fused_group_size, _local, _manifold_of, psi_sgd
+from ._mixin import FastPathMixin
 
-__all__ = ["AUTO_COMPILE_NUMEL", "RiemannianSGD"]
+__all__ = ["RiemannianSGD"]
 
 
-AUTO_COMPILE_NUMEL = 2**20
-"""Size (elements of fused PSI parameters in one group) from which ``compile=None`` runs the
-PSI step through :func:`torch.compile` where no kernel of its own takes it (on CPU without
-Numba, on devices other than CUDA)."""
-
-
-class RiemannianSGD(geoopt.optim.RiemannianSGD):
+class RiemannianSGD(FastPathMixin, geoopt.optim.RiemannianSGD):
     r"""Riemannian SGD with momentum, Nesterov and weight decay, equivariant on PSI parameters.
 
     Same constructor, hyper-parameters and state format as
-    :class:`geoopt.optim.RiemannianSGD`. For a parameter :math:`x` on manifold
-    :math:`\mathcal{M}` and step :math:`t`:
+    :class:`geoopt.optim.RiemannianSGD`, and the group options ``foreach`` and ``compile``.
+    For parameters :math:`x` on a manifold :math:`\mathcal{M}`:
 
     .. math::
+       \begin{aligned}
+            &\rule{110mm}{0.4pt}                                                                 \\
+            &\textbf{input}      : \eta \text{ (lr)}, \: x_0 \in \mathcal{M} \text{ (params)},
+                \: f(x) \text{ (objective)}, \: \lambda \text{ (weight decay)},                   \\
+            &\hspace{13mm} \:\mu \text{ (momentum)}, \:\tau \text{ (dampening)},
+                \:\textit{ nesterov}                                                      \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                                 \\
+            &\textbf{for} \: t=1 \: \textbf{to} \: \ldots \: \textbf{do}                         \\
+            &\hspace{5mm}g_t \leftarrow \operatorname{egrad2rgrad}_{x_{t-1}}
+                \big(\nabla f(x_{t-1}) + \lambda x_{t-1}\big)                                    \\
+            &\hspace{5mm}\textbf{if} \: \mu \neq 0                                               \\
+            &\hspace{10mm}\textbf{if} \: t > 1                                                   \\
+            &\hspace{15mm} b_t \leftarrow \mu\, \tilde b_{t-1} + (1-\tau) g_t                    \\
+            &\hspace{10mm}\textbf{else}                                                          \\
+            &\hspace{15mm} b_t \leftarrow g_t                                                    \\
+            &\hspace{10mm}\textbf{if} \: \textit{nesterov}                                       \\
+            &\hspace{15mm} d_t \leftarrow g_t + \mu b_t                                          \\
+            &\hspace{10mm}\textbf{else}                                                          \\
+            &\hspace{15mm} d_t \leftarrow b_t                                                    \\
+            &\hspace{10mm} x_t, \tilde b_t \leftarrow
+                \operatorname{retr\_transp}_{x_{t-1}}(-\eta\, d_t, b_t)                          \\
+            &\hspace{5mm}\textbf{else}                                                           \\
+            &\hspace{10mm} x_t \leftarrow \operatorname{retr}_{x_{t-1}}(-\eta\, g_t)             \\
+            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
+            &\bf{return} \:  x_t                                                          \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
+       \end{aligned}
 
-        \begin{aligned}
-            g_t &= \operatorname{egrad2rgrad}_{x_t}(\nabla f(x_t) + \lambda x_t) \\
-            b_t &= \begin{cases} g_t & t = 1 \\
-                   \mu\, \mathcal{T}_{x_{t-1} \to x_t}(b_{t-1}) + (1 - \tau) g_t & t > 1
-                   \end{cases} \\
-            d_t &= g_t + \mu b_t \ \text{(Nesterov)} \quad\text{or}\quad d_t = b_t \\
-            x_{t+1}, \mathcal{T}(b_t) &= \operatorname{retr\_transp}_{x_t}(-\eta\, d_t, b_t)
-        \end{aligned}
-
-    with learning rate :math:`\eta`, momentum :math:`\mu`, dampening :math:`\tau` and weight
-    decay :math:`\lambda`. Without momentum :math:`x_{t+1} = \operatorname{retr}_{x_t}(-\eta
-    g_t)`. On a PSI parameter the weight-decay term is radial and removed by the projection.
+    :math:`\tilde b_{t-1}` is the buffer transported to :math:`x_{t-1}`; the state
+    ``momentum_buffer`` holds it. geoopt's starts it at :math:`b_1 = \nabla f(x_0)`, before
+    ``egrad2rgrad``. On a PSI parameter the weight-decay term is radial and removed by the
+    projection.
 
     Parameters
     ----------
+    params : iterable
+        parameters, or dicts defining parameter groups.
+    lr, momentum, dampening, weight_decay, nesterov, stabilize
+        as for :class:`geoopt.optim.RiemannianSGD`.
     foreach : bool or None
         ``None`` (default) or ``True``: the fast path — ``torch._foreach_*`` operations over
         the plain (Euclidean) parameters of a group, as :class:`torch.optim.SGD` with
@@ -76,22 +93,25 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
         (default):
 
         * on CUDA (with Triton, which PyTorch's CUDA builds on Linux bring): one launch of
-          the multi-tensor kernel of :mod:`psi_geoopt.triton_step` per parameter group, for
-          groups of at most ``MAX_ROW`` elements;
+          the multi-tensor kernel of :mod:`psi_geoopt.optim.kernels.triton` per parameter
+          group, for groups of at most ``MAX_ROW`` elements;
         * on CPU (where Numba, a dependency, can be imported): one call per tensor of the
-          compiled loop of :mod:`psi_geoopt.numba_step` (compiled at the first step and
-          cached on disk), the fastest CPU path at every size measured, from the demo
+          compiled loop of :mod:`psi_geoopt.optim.kernels.numba` (compiled at the first step
+          and cached on disk), the fastest CPU path at every size measured, from the demo
           ConvNet to ResNet-50 (``benchmarks/RESULTS.md``);
         * elsewhere, for the groups whose fused PSI parameters hold at least
-          :data:`AUTO_COMPILE_NUMEL` elements together: :func:`torch.compile`, one graph per
-          parameter group, specialised to its shapes, in which the per-group sums and the
-          update of every tensor are fused (and, where inductor supports it, independent
-          tensors share kernels); compilation happens at the second step and takes tens of
-          seconds; where it fails, the step runs eagerly, with a warning. Smaller groups run
-          eagerly.
+          :data:`~psi_geoopt.optim.AUTO_COMPILE_NUMEL` elements together:
+          :func:`torch.compile`, one graph per parameter group, specialised to its shapes, in
+          which the per-group sums and the update of every tensor are fused (and, where
+          inductor supports it, independent tensors share kernels); compilation happens at
+          the second step and takes tens of seconds; where it fails, the step runs eagerly,
+          with a warning. Smaller groups run eagerly.
 
         ``True``: the Triton kernel on CUDA, :func:`torch.compile` elsewhere, for every
         size. ``False``: never, eager operations everywhere.
+
+    ``foreach`` and ``compile`` are stored in every parameter group (a group may set its own)
+    and, as every group option, saved by ``state_dict`` and restored by ``load_state_dict``.
     """
 
     def __init__(
@@ -116,17 +136,7 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
             nesterov=nesterov,
             stabilize=stabilize,
         )
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"RiemannianSGD: `foreach` must be a bool or None, got {foreach!r}")
-        if compile is not None and not isinstance(compile, bool):
-            raise TypeError(f"RiemannianSGD: `compile` must be a bool or None, got {compile!r}")
-        self.foreach = foreach
-        self.compile = compile
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("foreach", None)
-        self.__dict__.setdefault("compile", None)
+        self._set_default_options(foreach=foreach, compile=compile)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -136,30 +146,19 @@ class RiemannianSGD(geoopt.optim.RiemannianSGD):
                 loss = closure()
         for group in self.param_groups:
             group["step"] = group.get("step", 0) + 1
-            hyper = dict(
+            params = self._params_with_grad(group)
+            step = _single_tensor_rsgd if group["foreach"] is False else _multi_tensor_rsgd
+            step(
+                params,
+                self.state,
+                self._default_manifold,
                 weight_decay=group["weight_decay"],
                 momentum=group["momentum"],
                 dampening=group["dampening"],
                 nesterov=group["nesterov"],
                 lr=group["lr"],
+                compile=group["compile"],
             )
-            params = []
-            for point in group["params"]:
-                grad = point.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        "RiemannianSGD does not support sparse gradients, use "
-                        "SparseRiemannianSGD instead"
-                    )
-                params.append(point)
-            if self.foreach is False:
-                _single_tensor_rsgd(params, self.state, self._default_manifold, **hyper)
-            else:
-                _multi_tensor_rsgd(
-                    params, self.state, self._default_manifold, compile=self.compile, **hyper
-                )
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self.stabilize_group(group)
         return loss
@@ -175,8 +174,10 @@ def _single_tensor_rsgd(
     dampening: float,
     nesterov: bool,
     lr: float,
+    compile: bool | None = None,
 ) -> None:
-    """The reference step: the manifold's operations, one parameter at a time."""
+    """The reference step: the manifold's operations, one parameter at a time (``compile`` is
+    not used: the signature is :func:`_multi_tensor_rsgd`'s)."""
     for point in params:
         manifold = _manifold_of(point, default_manifold)
         grad = point.grad
@@ -214,22 +215,21 @@ def _multi_tensor_rsgd(
 
     Euclidean parameters take ``torch._foreach_*`` operations (as ``torch.optim.SGD`` with
     ``foreach=True``, without writing into ``p.grad``), parameters on
-    :class:`~psi_geoopt.PSIManifold` grouped along axis 0 one fused pass each
-    (:func:`_psi_sgd`), every other parameter the reference loop.
+    :class:`~psi_geoopt.PSIManifold` grouped along axis 0 the fused step
+    (:func:`._fused.psi_sgd`, on the backend ``compile`` selects), every other parameter the
+    reference loop.
     """
-    euclidean, psi, other = [], [], []
+    euclidean, fused, other = [], [], []
     for point in params:
         manifold = _manifold_of(point, default_manifold)
         if type(manifold) is geoopt.Euclidean:
             euclidean.append(point)
-        elif (group_size := _fused_group_size(point, manifold)) is not None:
-            psi.append((point, group_size))
-        else:
+            continue
+        group_size = _fused_group_size(point, manifold)
+        if group_size is None:
             other.append(point)
-    hyper = dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening, lr=lr)
-    kernel_tasks, host = [], []
-    for point, group_size in psi:
-        buffer = None
+            continue
+        buffer, first = None, False
         if momentum != 0:
             param_state = state[point]
             buffer = param_state.get("momentum_buffer")
@@ -237,59 +237,18 @@ def _multi_tensor_rsgd(
                 buffer = param_state["momentum_buffer"] = torch.zeros_like(point)
                 first = True
             elif not _local(buffer).is_contiguous():
-                _single_tensor_rsgd([point], state, default_manifold, nesterov=nesterov, **hyper)
+                other.append(point)
                 continue
-            else:
-                first = False
-        else:
-            first = False
-        if compile is not False and _takes_kernel(point, group_size):
-            kernel_tasks.append((point, buffer, group_size, first))
-        else:
-            host.append((point, buffer, group_size, first))
-    kernel = compile is not False
-    # compile=None: the Numba loop on CPU where installed, else torch.compile for large groups
-    numba_on_cpu = compile is None and _numba_step(numpy) is not None
-    if compile is None:
-        compile = (
-            sum(p.numel() for p, *_ in host if not (numba_on_cpu and p.device.type == "cpu"))
-            >= AUTO_COMPILE_NUMEL
+        fused.append((point, buffer, group_size, first))
+    hyper = dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening, lr=lr)
+    if fused:
+        psi_sgd(
+            fused, compile=compile, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov
         )
-    tasks, compiled = [], []
-    for point, buffer, group_size, first in host:
-        by_numba = numba_on_cpu and point.device.type == "cpu"
-        if compile and not first and not by_numba and not _is_dtensor(point):
-            compiled.append((point, buffer, group_size))
-            continue
-        x = _local(point.detach())
-        if x.numel() == 0:  # a rank that holds no group of this parameter
-            continue
-        buffer = None if buffer is None else _local(buffer)
-        tasks.append((x, _local(point.grad), buffer, group_size, first))
-    psi_hyper = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
-    # the kernel first: the GPU runs it while the host prepares the other updates
-    if kernel_tasks:
-        _kernel_psi_sgd(kernel_tasks, **psi_hyper)
-    _psi_sgd(tasks, kernel=kernel, **psi_hyper)
-    if compiled:
-        _compiled_psi_sgd(compiled, **psi_hyper)
     if other:
         _single_tensor_rsgd(other, state, default_manifold, nesterov=nesterov, **hyper)
     if euclidean:
         _foreach_euclidean_sgd(euclidean, state, nesterov=nesterov, **hyper)
-
-
-def _kernel_psi_sgd(
-    tasks: list[tuple[torch.Tensor, torch.Tensor | None, int, bool]], **hyper
-) -> None:
-    """The PSI step of ``(parameter, buffer, group_size, first)`` entries (contiguous, not
-    sharded) in the Triton kernel, one launch per device, dtype and ``first`` flag."""
-    batches: dict[tuple, list[tuple]] = {}
-    for point, buffer, group_size, first in tasks:
-        entry = (point, point.grad.contiguous(), buffer, group_size)
-        batches.setdefault((point.device, point.dtype, first), []).append(entry)
-    for (_, _, first), batch in batches.items():
-        _triton_step().psi_sgd_step(batch, first=first, **hyper)
 
 
 def _foreach_euclidean_sgd(
@@ -321,43 +280,3 @@ def _foreach_euclidean_sgd(
         buffers = [state[p]["momentum_buffer"] for p in params]
         grads = torch._foreach_add(grads, buffers, alpha=momentum) if nesterov else buffers
     torch._foreach_add_(params, grads, alpha=-lr)
-
-
-def _psi_sgd(
-    tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, bool]],
-    *,
-    kernel: bool = True,
-    **hyper,
-) -> None:
-    """The PSI step on ``(x, grad, buffer, group_size, first)`` entries (``x`` and ``buffer``
-    contiguous, ``buffer`` ``None`` without momentum), float16/bfloat16 computed in float32.
-
-    On CPU with Numba installed (and ``kernel``): one call of the compiled loop of
-    :mod:`psi_geoopt.numba_step` per tensor. Otherwise eagerly: the per-group sums of all
-    tensors of one device, dtype and ``first`` flag are concatenated, so that the per-group
-    scalar algebra of :func:`_psi_coefficients` runs once for all of them (on CPU both in
-    NumPy, :func:`_algebra_module`); then one in-place update per tensor
-    (:func:`_psi_apply`).
-    """
-    batches: dict[tuple, tuple[list[tuple[torch.Tensor | None, ...]], list[int]]] = {}
-    for x, grad, buffer, size, first in tasks:
-        batch, sizes = batches.setdefault((x.device, x.dtype, first), ([], []))
-        batch.append((x, grad, buffer))
-        sizes.append(size)
-    for (device, dtype, first), (batch, sizes) in batches.items():
-        xp = _algebra_module(device)
-        work = _working_copies(batch, dtype)
-        views = _row_views(work, sizes, xp)
-        compiled = _numba_step(xp) if kernel else None
-        if compiled is not None:
-            compiled.psi_sgd_rows(views, first=first, **hyper)
-            _write_back(batch, work, written_around_autograd=True)
-            continue
-        sums = _stacked_sums(views, not first and views[0][2] is not None, xp)
-        coefficients = _as_tensor(_psi_coefficients(sums, xp=xp, first=first, **hyper))
-        start = 0
-        for x, grad, buffer in _row_views(work, sizes, torch):
-            end = start + x.shape[0]
-            _psi_apply(x, grad, buffer, coefficients[start:end], first=first, **hyper)
-            start = end
-        _write_back(batch, work)

@@ -1,4 +1,11 @@
-"""The fused PSI step through :func:`torch.compile`."""
+"""The fused PSI step through :func:`torch.compile`: one graph per parameter group.
+
+The eager step of :mod:`.eager` in PyTorch operations, per-group sums, closed forms and update
+traced together, which inductor fuses into one reduction pass and one elementwise pass per
+tensor (and, with combo kernels, independent tensors into shared kernels). The default where
+neither the Triton kernel nor the Numba loop takes the step, for groups of at least
+:data:`~psi_geoopt.optim.AUTO_COMPILE_NUMEL` elements.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from .._closed_form import _psi_coefficients
-from .eager import _compute_dtype, _psi_apply, _psi_sums
+from .eager import _psi_apply, _psi_sums, compute_dtype, psi_coefficients
+
+__all__ = ["psi_sgd"]
 
 
 def _psi_fused_step(
@@ -18,11 +26,11 @@ def _psi_fused_step(
     the coefficients and :func:`_psi_apply` on copies in the compute dtype (the tensors
     themselves in float32 and float64), which :func:`torch.compile` fuses into one reduction
     pass and one elementwise pass. float16/bfloat16 are computed in float32."""
-    dtype = _compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     point, gradient = x.to(dtype), grad.to(dtype)
     moment = None if buffer is None else buffer.to(dtype)
-    coefficients = _psi_coefficients(_psi_sums(point, gradient, moment), first=False, **hyper)
-    _psi_apply(point, gradient, moment, coefficients, first=False, **hyper)
+    coefficients = psi_coefficients(_psi_sums(point, gradient, moment), first=False, **hyper)
+    _psi_apply(point, gradient, moment, coefficients, first=False, nesterov=hyper["nesterov"])
     if point is not x:
         x.copy_(point)
     if moment is not buffer:
@@ -41,7 +49,7 @@ def _psi_fused_steps(
         _psi_fused_step(x, grad, buffer, **hyper)
 
 
-def _compiled_psi_sgd(
+def psi_sgd(
     entries: list[tuple[torch.Tensor, torch.Tensor | None, int]], *, lr: float, **hyper
 ) -> None:
     """The PSI step of ``(parameter, buffer, group_size)`` entries (not a buffer's first step,
@@ -53,7 +61,7 @@ def _compiled_psi_sgd(
     """
     batches: dict[tuple[torch.device, torch.dtype], list] = {}
     for entry in entries:
-        batches.setdefault((entry[0].device, _compute_dtype(entry[0].dtype)), []).append(entry)
+        batches.setdefault((entry[0].device, compute_dtype(entry[0].dtype)), []).append(entry)
     for (device, dtype), batch in batches.items():
         # in the compute dtype: a float64 scalar would keep inductor's CPU kernels from
         # vectorizing float32 arithmetic
