@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+
 import pytest
 import torch
 from conftest import TOLERANCE, make_params, relative_error, run, run_adam
@@ -47,3 +50,16 @@ def test_numba_kernel_sums_in_float64(cpu_step, scale):
     for single, double in zip(*trajectories, strict=True):
         assert torch.isfinite(single).all()
         assert relative_error(single, double) <= TOLERANCE[torch.float32]
+
+
+def test_numba_cache_follows_the_closed_forms():
+    """Numba keys its on-disk cache of a function to the function's file and closure, and the
+    loop inlines the closed forms from another file: the loop's closure holds a digest of
+    their source, so that an edit of them recompiles the loop instead of running the cached
+    one."""
+    from psi_geoopt.optim import _closed_form
+    from psi_geoopt.optim.kernels import numba as kernels
+
+    digest = hashlib.sha256(inspect.getsource(_closed_form).encode()).hexdigest()
+    for loop in (kernels._SERIAL, kernels._PARALLEL):
+        assert digest in [cell.cell_contents for cell in loop.py_func.__closure__]

@@ -27,11 +27,14 @@ instead of raising.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from collections.abc import Callable
 
 import numba
 import numpy
 
+from .. import _closed_form
 from .._closed_form import (
     adam_hyper_parameters,
     adam_step_size,
@@ -55,10 +58,18 @@ _gradient_norm, _step_coefficients, _adam_step_size = (
 )
 
 
+_CLOSED_FORMS = hashlib.sha256(inspect.getsource(_closed_form).encode()).hexdigest()
+"""A digest of :mod:`psi_geoopt.optim._closed_form`, a closure variable of :func:`_psi_rows`:
+Numba keys the on-disk cache of a function to its own file and to its closure, and the loop
+inlines the closed forms, so without it an edit of the closed forms would leave the loop
+running the old ones from the cache."""
+
+
 def _compile_rows(parallel: bool) -> Callable[..., None]:
     """:func:`_psi_rows` compiled serially or with its groups spread over threads (``rows``
     is then :func:`numba.prange`; a distinct closure, so that the two are cached apart)."""
     rows = numba.prange if parallel else range
+    closed_forms = _CLOSED_FORMS
 
     @numba.njit(parallel=parallel, **_OPTIONS)
     def _psi_rows(
@@ -80,6 +91,7 @@ def _compile_rows(parallel: bool) -> Callable[..., None]:
         ``amsgrad``). ``hyper``: :math:`\eta, \mu, 1 - \tau` and for Adam
         :math:`\beta_2, 1 - \beta_2, \epsilon, 1 - \beta_1^t, 1 - \beta_2^t`
         (:func:`~psi_geoopt.optim._closed_form.adam_hyper_parameters`)."""
+        closed_forms  # noqa: B018 (in the closure, hence in the cache key: see _CLOSED_FORMS)
         groups, size = x.shape
         lr, momentum, keep = hyper[0], hyper[1], hyper[2]
         with_buffer = with_momentum and not first
