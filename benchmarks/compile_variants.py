@@ -9,8 +9,8 @@ as static addresses), and both. Each variant's iterates are checked against the 
     python benchmarks/compile_variants.py [cuda|cpu] [resnet18|resnet50] [ROUNDS]
 
 On CPU the CUDA-graph variants are skipped and only the first six convolutions are used. On
-CUDA the shipped step is the Triton kernel of ``psi_geoopt.triton_step``; this experiment, which
-led to it, forces :func:`torch.compile` there instead.
+CUDA the shipped step is the Triton kernel of ``psi_geoopt.optim.kernels.triton``; this
+experiment, which led to it, forces :func:`torch.compile` there instead.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import torch._dynamo
 import psi_geoopt.optim as psi_optim
 from psi_geoopt import PSIManifold
 from psi_geoopt.experiments.bench import MODELS
+from psi_geoopt.optim import _fused
+from psi_geoopt.optim.kernels import compiled
 
 VARIANTS = {
     "compiled (default)": ({}, False),
@@ -66,7 +68,7 @@ def main(device: str, model: str, rounds: int) -> None:
     def compiled_step(tag: str, options: dict, static: bool):
         namespace: dict = {}
         source = "def steps(*args, **kwargs):\n    return po._psi_fused_steps(*args, **kwargs)\n"
-        exec(compile(source, f"<{tag}>", "exec"), {"po": psi_optim}, namespace)  # own code object
+        exec(compile(source, f"<{tag}>", "exec"), {"po": compiled}, namespace)  # own code object
         function = torch.compile(namespace["steps"], dynamic=False, options=options)
         views: dict = {}
 
@@ -100,13 +102,13 @@ def main(device: str, model: str, rounds: int) -> None:
         replacement = compiled_step(name, options, static)
 
         def step(optimizer=optimizer, replacement=replacement) -> None:
-            originals = psi_optim._compiled_psi_sgd, psi_optim._takes_kernel
-            psi_optim._compiled_psi_sgd = replacement
-            psi_optim._takes_kernel = lambda point, group_size: False  # torch.compile on CUDA
+            originals = compiled.psi_sgd, _fused._takes_kernel
+            compiled.psi_sgd = replacement
+            _fused._takes_kernel = lambda point, group_size: False  # torch.compile on CUDA
             try:
                 optimizer.step()
             finally:
-                psi_optim._compiled_psi_sgd, psi_optim._takes_kernel = originals
+                compiled.psi_sgd, _fused._takes_kernel = originals
 
         start = time.perf_counter()
         for _ in range(4):

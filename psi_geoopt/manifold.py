@@ -61,7 +61,7 @@ class PSIManifold(Manifold):
     so a factor needs ``ndim=len(shape)``; ``ndim=None`` is refused there. geoopt's
     ``SparseRiemannianSGD``/``SparseRiemannianAdam`` step the rows of axis 0 one by one, which
     is right only if every group lies inside one row (``dim=0`` of the whole tensor, or
-    ``ndim`` below the rank); they do not check, :mod:`psi_geoopt.sparse_optim`'s versions
+    ``ndim`` below the rank); they do not check, :mod:`psi_geoopt.optim.sparse`'s versions
     refuse the other layouts. The retraction is not reversible (``reversible = False``, as for
     ``Sphere``), so geoopt's samplers refuse PSI parameters.
 

@@ -1,4 +1,5 @@
-"""Shared hypothesis strategies and helpers for the tests of :class:`psi_geoopt.PSIManifold`.
+"""Shared hypothesis strategies and helpers for the tests of :class:`psi_geoopt.PSIManifold`
+and of the optimizers.
 
 Groups are recomputed here independently of the manifold (move the group axis to the front
 and flatten the rest), so the tests compare the manifold with a second implementation.
@@ -10,11 +11,16 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import geoopt
 import hypothesis.strategies as st
+import numpy
 import pytest
 import torch
+from torch import nn
 
 from psi_geoopt import PSIManifold
+from psi_geoopt.optim import RiemannianAdam, RiemannianSGD, _fused
+from psi_geoopt.optim._closed_form import adam_hyper_parameters
 
 
 def group_matrix(t: torch.Tensor, dim: int | None) -> torch.Tensor:
@@ -168,3 +174,182 @@ def without_cli_extra():
         )
 
     return run
+
+
+# The optimizers: parameters of every kind, fixed gradients, trajectories compared.
+
+STEPS = 25
+
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+CONFIGS = [
+    dict(momentum=0.0),
+    dict(momentum=0.0, weight_decay=1e-2),
+    dict(momentum=0.9),
+    dict(momentum=0.9, nesterov=True),
+    dict(momentum=0.9, nesterov=True, weight_decay=5e-4),
+    dict(momentum=0.5, dampening=0.3, weight_decay=1e-3),
+]
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def cpu_step(request, monkeypatch):
+    """Which implementation runs the fast path's PSI step on CPU: the compiled loop of
+    :mod:`psi_geoopt.optim.kernels.numba`, or NumPy operations (as without Numba installed)."""
+    if request.param == "numba":
+        if _fused._kernel_module("numba") is None:
+            pytest.skip("Numba is not installed")
+    else:
+        monkeypatch.setitem(_fused._KERNELS, "numba", None)
+    return request.param
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """One parameter of each kind: PSI along axis 0 (fused), along other axes, on the whole
+    tensor, non-contiguous (reference loop), plain, on the sphere, and one without gradient.
+    Groups have norms spread over two orders of magnitude."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+    def psi(tensor, dim):
+        scaled = tensor * 10 ** (2 * torch.rand(tensor.shape[0], generator=generator) - 1).to(
+            torch.float64
+        ).reshape(-1, *[1] * (tensor.dim() - 1))
+        return geoopt.ManifoldParameter(scaled.to(dtype), manifold=PSIManifold(dim))
+
+    sphere = randn(4, 3)
+    return [
+        psi(randn(8, 3, 3, 3), 0),
+        psi(randn(16, 5), 0),
+        psi(randn(6, 4), None),
+        psi(randn(7), None),
+        psi(randn(5, 6), 1),
+        psi(randn(5, 6), -1),
+        psi(randn(6, 5).t(), 0),  # non-contiguous
+        nn.Parameter(randn(5).to(dtype)),
+        nn.Parameter(randn(3, 4).to(dtype)),
+        geoopt.ManifoldParameter(
+            (sphere / sphere.norm(dim=-1, keepdim=True)).to(dtype), manifold=geoopt.Sphere()
+        ),
+        psi(randn(4, 3), 0),  # never gets a gradient
+    ]
+
+
+def set_gradients(params: list[torch.Tensor], step: int) -> None:
+    """Gradients scaled like those of a scale-invariant loss (1 / group norm), fixed by step."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    for p in params[:-1]:
+        grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+        p.grad = (grad.to(p.device) / p.detach().double().norm()).to(p.dtype)
+
+
+def run(params, steps: int = STEPS, optimizer_class=RiemannianSGD, **options):
+    optimizer = optimizer_class(params, lr=0.05, **options)
+    for step in range(steps):
+        set_gradients(params, step)
+        optimizer.step()
+    return optimizer
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def assert_same_trajectory(fast, reference, fast_params, reference_params, rtol):
+    for index, (a, b) in enumerate(zip(fast_params, reference_params, strict=True)):
+        assert a.dtype == b.dtype
+        assert relative_error(a, b) <= rtol, (index, relative_error(a, b))
+        state_a, state_b = fast.state.get(a, {}), reference.state.get(b, {})
+        assert state_a.keys() == state_b.keys(), index
+        if "momentum_buffer" in state_a:
+            buffer_a, buffer_b = state_a["momentum_buffer"], state_b["momentum_buffer"]
+            assert buffer_a.shape == buffer_b.shape and buffer_a.dtype == buffer_b.dtype
+            assert relative_error(buffer_a, buffer_b) <= rtol, (index, "buffer")
+
+
+ADAM_CONFIGS = [
+    dict(),
+    dict(amsgrad=True),
+    dict(weight_decay=1e-2, stabilize=3),
+    dict(betas=(0.5, 0.9), eps=1e-3),
+]
+
+
+def run_adam(params, steps: int = STEPS, **options) -> RiemannianAdam:
+    return run(params, steps, RiemannianAdam, **options)
+
+
+def assert_same_adam_state(fast, reference, fast_params, reference_params, rtol):
+    for index, (a, b) in enumerate(zip(fast_params, reference_params, strict=True)):
+        assert relative_error(a, b) <= rtol, (index, relative_error(a, b))
+        state_a, state_b = fast.state.get(a, {}), reference.state.get(b, {})
+        assert state_a.keys() == state_b.keys(), index
+        for key in state_b:
+            if key == "step":
+                assert state_a[key] == state_b[key] and isinstance(state_a[key], int)
+            else:
+                assert relative_error(state_a[key], state_b[key]) <= rtol, (index, key)
+
+
+CLOSED_FORM_CASES = [
+    dict(momentum=0.0, keep=1.0, first=True, nesterov=False),  # no momentum: d = g
+    dict(momentum=0.9, keep=1.0, first=True, nesterov=False),
+    dict(momentum=0.9, keep=1.0, first=True, nesterov=True),
+    dict(momentum=0.9, keep=1.0, first=False, nesterov=False),
+    dict(momentum=0.9, keep=1.0, first=False, nesterov=True),
+    dict(momentum=0.5, keep=0.7, first=False, nesterov=False),  # dampening 0.3
+]
+"""Flag and momentum cases of the closed forms (``keep`` = 1 - dampening)."""
+
+ADAM_CASES = [(0.9, 0.999, 1e-8, 1, False), (0.9, 0.999, 1e-8, 7, True), (0.5, 0.9, 1e-3, 30, True)]
+"""``beta1, beta2, eps, step, amsgrad`` of the Adam closed form."""
+
+CLOSED_FORM_INPUTS = ("xx", "xu", "uu", "bu", "bb", "lr", "second", "peak")
+"""The per-group inputs of :func:`closed_form_outputs`."""
+
+
+def closed_form_inputs(seed: int = 0, groups: int = 64, size: int = 9) -> dict[str, numpy.ndarray]:
+    """Random inputs of the closed forms of :mod:`psi_geoopt.optim._closed_form`, float64:
+    ``x`` (norms over four decades), ``u`` (a gradient, scaled as a scale-invariant loss's),
+    ``b`` (a buffer horizontal at ``x``), ``lr`` (one per group), Adam's ``second``/``peak``
+    moments, and the per-group sums ``xx, xu, uu, bu, bb`` of ``x, u, b``."""
+    generator = numpy.random.default_rng(seed)
+    norms = 10.0 ** generator.uniform(-2, 2, (groups, 1))
+    x = generator.standard_normal((groups, size)) * norms
+    u = generator.standard_normal((groups, size)) / norms
+    b = generator.standard_normal((groups, size)) / norms
+    b -= numpy.vecdot(b, x)[:, None] * x / numpy.vecdot(x, x)[:, None]
+    return dict(
+        x=x,
+        u=u,
+        b=b,
+        lr=10.0 ** generator.uniform(-3, 0, groups),
+        second=generator.uniform(0, 2, groups),
+        peak=generator.uniform(0, 2, groups),
+        xx=numpy.vecdot(x, x),
+        xu=numpy.vecdot(x, u),
+        uu=numpy.vecdot(u, u),
+        bu=numpy.vecdot(b, u),
+        bb=numpy.vecdot(b, b),
+    )
+
+
+def closed_form_outputs(forms: dict, group: dict, case: dict, adam: tuple) -> tuple:
+    r"""The outputs of every closed form, ``forms`` (``gradient_norm``, ``step_coefficients``,
+    ``adam_step_size``: one backend's), on the inputs ``group`` (:data:`CLOSED_FORM_INPUTS`;
+    scalars or vectors): :math:`\|g\|_g^2`, the seven step coefficients, and Adam's second
+    moment, maximum and learning rate (with the learning rate 0.01)."""
+    beta1, beta2, eps, step, amsgrad = adam
+    lr, _, _, *hyper = adam_hyper_parameters(0.01, (beta1, beta2), eps, step)
+    norm = forms["gradient_norm"](group["xx"], group["xu"], group["uu"])
+    gg = group["xx"] * norm
+    coefficients = forms["step_coefficients"](
+        group["xx"], group["xu"], gg, group["bu"], group["bb"], group["lr"], **case
+    )
+    moments = forms["adam_step_size"](group["second"], group["peak"], norm, lr, *hyper, amsgrad)
+    return (norm, *coefficients, *moments)

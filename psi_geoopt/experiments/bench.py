@@ -9,9 +9,9 @@ over rounds:
   random gradients): ``torch.optim.SGD(foreach=True)``, geoopt's ``RiemannianSGD`` (its
   per-parameter loop), ``psi_geoopt.optim.RiemannianSGD`` with ``foreach=False`` (the
   reference loop), the fast path run eagerly (``compile=False``), as it runs by default
-  (``compile=None``: on CPUs the Numba loop of :mod:`psi_geoopt.numba_step` where Numba is
+  (``compile=None``: on CPUs the Numba loop of :mod:`psi_geoopt.optim.kernels.numba` where Numba is
   installed, else :func:`torch.compile` for groups of at least ``AUTO_COMPILE_NUMEL`` PSI
-  elements, such as these; on CUDA the Triton kernel of :mod:`psi_geoopt.triton_step`) and
+  elements, such as these; on CUDA the Triton kernel of :mod:`psi_geoopt.optim.kernels.triton`) and
   compiled (``compile=True``: :func:`torch.compile` on CPUs, the Triton kernel on CUDA);
 - the Adam step on the same shapes: ``torch.optim.Adam(foreach=True)``, geoopt's
   ``RiemannianAdam`` and ``psi_geoopt.optim.RiemannianAdam`` (its fast path);

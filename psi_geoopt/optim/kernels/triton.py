@@ -8,8 +8,8 @@ group_size)`` view), which
 
 1. reads its row of :math:`x`, :math:`u = \nabla f(x)` and the momentum buffer :math:`b`
    once and accumulates the five sums :math:`s_{xx}, s_{xu}, s_{uu}, s_{bu}, s_{bb}`;
-2. forms the per-group coefficients of :func:`psi_geoopt.optim._psi_coefficients` (the
-   same closed forms, here on scalars in registers);
+2. forms the per-group coefficients on scalars in registers: the closed forms of
+   :mod:`psi_geoopt.optim._closed_form`, compiled by Triton with its ``sqrt`` and ``maximum``;
 3. reads the row again (now from cache: a row is at most :data:`MAX_ROW` elements) and
    writes :math:`x_+ = x + (c_x - 1) x + c_u u + c_b b` and
    :math:`b_+ = e_x x + e_u u + e_b b`.
@@ -17,11 +17,12 @@ group_size)`` view), which
 Memory traffic per element is one read of :math:`x, u, b` and one write of :math:`x, b`:
 five tensor passes, fewer than the eight of the three ``foreach`` operations of
 :class:`torch.optim.SGD`'s momentum step. :func:`psi_adam_step` is the same kernel with the
-group's learning rate formed from its second moment (:func:`psi_geoopt.optim._psi_adam`),
-which it also writes. The tensors are reached through tables (``tensors``: addresses of
-point, gradient, buffer and moments, row length; ``rows``: tensor index and element offset
-of every row; the hyper-parameters in the compute dtype), uploaded only when one of them
-changes. float16/bfloat16 tensors are computed in float32, float64 in float64.
+group's learning rate formed from its second moment
+(:func:`~psi_geoopt.optim._closed_form.adam_step_size`), which it also writes. The tensors are
+reached through tables (``tensors``: addresses of point, gradient, buffer and moments, row
+length; ``rows``: tensor index and element offset of every row; the hyper-parameters in the
+compute dtype), uploaded only when one of them changes. float16/bfloat16 tensors are computed
+in float32, float64 in float64.
 
 The kernel runs on CUDA devices; the tests run it on CPU tensors in Triton's interpreter
 (``TRITON_INTERPRET=1``). It needs PyTorch >= 2.5, whose
@@ -40,7 +41,14 @@ import triton
 import triton.language as tl
 from torch.autograd.graph import increment_version
 
-from .optim import _adam_hyper_parameters, _sgd_hyper_parameters
+from .._closed_form import (
+    adam_hyper_parameters,
+    adam_step_size,
+    gradient_norm,
+    sgd_hyper_parameters,
+    specialize,
+    step_coefficients,
+)
 
 __all__ = ["MAX_ROW", "psi_adam_step", "psi_sgd_step"]
 
@@ -58,15 +66,42 @@ _STORAGE = {
 }
 
 
+_gradient_norm, _step_coefficients, _adam_step_size = (
+    triton.jit(specialize(function, tl))
+    for function in (gradient_norm, step_coefficients, adam_step_size)
+)
+
+
 @triton.jit
-def _radial_factors(xx, step):
-    """The radial factors of :func:`psi_geoopt.optim._step_coefficients`:
-    :math:`\\sqrt{s_{xx}}/\\|y\\|` and its difference to 1, and
-    :math:`\\|y\\|/\\sqrt{s_{xx}} - 1`, without cancellation."""
-    radius = tl.sqrt(xx)
-    new_radius = tl.sqrt(xx + step)
-    total = radius + new_radius
-    return radius / new_radius, -step / (new_radius * total), step / (radius * total)
+def _row_sums(
+    x_ptr, u_ptr, b_ptr, size, COMPUTE: tl.constexpr, BUFFER: tl.constexpr, BLOCK: tl.constexpr
+):
+    """The first read pass over a row: :math:`s_{xx}, s_{xu}, s_{uu}` and, with ``BUFFER``,
+    :math:`s_{bu}, s_{bb}` (else zeros), accumulated in the compute dtype."""
+    sum_xx = tl.zeros([BLOCK], COMPUTE)
+    sum_xu = tl.zeros([BLOCK], COMPUTE)
+    sum_uu = tl.zeros([BLOCK], COMPUTE)
+    sum_bu = tl.zeros([BLOCK], COMPUTE)
+    sum_bb = tl.zeros([BLOCK], COMPUTE)
+    for start in range(0, size, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        mask = index < size
+        x = tl.load(x_ptr + index, mask=mask, other=0).to(COMPUTE)
+        u = tl.load(u_ptr + index, mask=mask, other=0).to(COMPUTE)
+        sum_xx += x * x
+        sum_xu += x * u
+        sum_uu += u * u
+        if BUFFER:
+            b = tl.load(b_ptr + index, mask=mask, other=0).to(COMPUTE)
+            sum_bu += b * u
+            sum_bb += b * b
+    return (
+        tl.sum(sum_xx, 0),
+        tl.sum(sum_xu, 0),
+        tl.sum(sum_uu, 0),
+        tl.sum(sum_bu, 0),
+        tl.sum(sum_bb, 0),
+    )
 
 
 @triton.jit
@@ -83,6 +118,7 @@ def _psi_kernel(
     AMSGRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """The step of one group (program): its sums, its coefficients, its update."""
     row = tl.program_id(0)
     tensor = tl.load(rows + 2 * row)
     offset = tl.load(rows + 2 * row + 1)
@@ -91,86 +127,45 @@ def _psi_kernel(
     u_ptr = tl.load(entry + 1).to(tl.pointer_type(STORAGE)) + offset
     b_ptr = tl.load(entry + 2).to(tl.pointer_type(STORAGE)) + offset
     size = tl.load(entry + 5)
-    lanes = tl.arange(0, BLOCK)
-    sum_xx = tl.zeros([BLOCK], COMPUTE)
-    sum_xu = tl.zeros([BLOCK], COMPUTE)
-    sum_uu = tl.zeros([BLOCK], COMPUTE)
-    sum_bu = tl.zeros([BLOCK], COMPUTE)
-    sum_bb = tl.zeros([BLOCK], COMPUTE)
-    for start in range(0, size, BLOCK):
-        index = start + lanes
-        mask = index < size
-        x = tl.load(x_ptr + index, mask=mask, other=0).to(COMPUTE)
-        u = tl.load(u_ptr + index, mask=mask, other=0).to(COMPUTE)
-        sum_xx += x * x
-        sum_xu += x * u
-        sum_uu += u * u
-        if MOMENTUM and not FIRST:
-            b = tl.load(b_ptr + index, mask=mask, other=0).to(COMPUTE)
-            sum_bu += b * u
-            sum_bb += b * b
-    xx = tl.sum(sum_xx, 0)
-    xu = tl.sum(sum_xu, 0)
-    uu = tl.sum(sum_uu, 0)
-    gradient_norm = tl.maximum(xx * uu - xu * xu, 0.0)  # |g|_g^2, and |g|^2 = s_xx |g|_g^2
-    gg = xx * gradient_norm
+    xx, xu, uu, bu, bb = _row_sums(
+        x_ptr, u_ptr, b_ptr, size, COMPUTE, MOMENTUM and not FIRST, BLOCK
+    )
+    norm = _gradient_norm(xx, xu, uu)  # |g|_g^2, and |g|^2 = s_xx |g|_g^2
     lr = tl.load(hyper)
     if ADAM:  # the group's learning rate from its second moment, with b the first moment
         v_ptr = tl.load(entry + 3).to(tl.pointer_type(STORAGE)) + offset
-        beta2 = tl.load(hyper + 3)
-        second = beta2 * tl.load(v_ptr).to(COMPUTE) + tl.load(hyper + 4) * gradient_norm
-        moment = second
+        second = tl.load(v_ptr).to(COMPUTE)
+        peak = second
         if AMSGRAD:
             peak_ptr = tl.load(entry + 4).to(tl.pointer_type(STORAGE)) + offset
-            moment = tl.maximum(tl.load(peak_ptr).to(COMPUTE), second)
-        denominator = tl.sqrt(moment / tl.load(hyper + 7)) + tl.load(hyper + 5)
-        lr = lr / (tl.load(hyper + 6) * denominator)
-    if MOMENTUM:
-        momentum = tl.load(hyper + 1)
-        if FIRST:  # b' = g
-            keep_b = 0.0
-            keep_g = 1.0
-            bb_new = gg
-            bg_new = gg
-        else:  # b' = mu b + (1 - tau) g, with <b, g> = s_xx s_bu
-            keep_b = momentum
-            keep_g = tl.load(hyper + 2)
-            bg = xx * tl.sum(sum_bu, 0)
-            bb_new = momentum * momentum * tl.sum(sum_bb, 0) + 2.0 * momentum * keep_g * bg
-            bb_new += keep_g * keep_g * gg
-            bg_new = momentum * bg + keep_g * gg
-        if NESTEROV:  # d = g + mu b'
-            direction_b = momentum * keep_b
-            direction_g = 1.0 + momentum * keep_g
-            dd = gg + 2.0 * momentum * bg_new + momentum * momentum * bb_new
-            bd = bg_new + momentum * bb_new
-        else:  # d = b'
-            direction_b = keep_b
-            direction_g = keep_g
-            dd = bb_new
-            bd = bb_new
-        step = lr * lr * dd
-        scale, shrink, growth = _radial_factors(xx, step)
-        kappa = lr * bd / (xx + step)
-        # b_+ = b' + kappa (x - lr d) = bx x + bu u + bb b
-        along_g = keep_g - lr * kappa * direction_g
-        bx_coeff = kappa - along_g * xu
-        bu_coeff = along_g * xx
-        bb_coeff = keep_b - lr * kappa * direction_b
-        if NESTEROV:  # x_+ = (sqrt(s_xx) / |y|)(x - lr d)
-            along = -lr * scale * direction_g
-            x_shift = shrink - along * xu
-            u_coeff = along * xx
-            b_coeff = -lr * scale * direction_b
-        else:  # x_+ = x + growth x + after b_+, from the new buffer
-            after_coeff = -lr * (1.0 + growth)
-    else:  # d = g
-        scale, shrink, _ = _radial_factors(xx, lr * lr * gg)
-        along = -lr * scale
-        x_shift = shrink - along * xu
-        u_coeff = along * xx
+            peak = tl.load(peak_ptr).to(COMPUTE)
+        second, moment, lr = _adam_step_size(
+            second,
+            peak,
+            norm,
+            lr,
+            tl.load(hyper + 3),
+            tl.load(hyper + 4),
+            tl.load(hyper + 5),
+            tl.load(hyper + 6),
+            tl.load(hyper + 7),
+            AMSGRAD,
+        )
+    bx_coeff, bu_coeff, bb_coeff, x_shift, u_coeff, b_coeff, growth = _step_coefficients(
+        xx,
+        xu,
+        xx * norm,
+        bu,
+        bb,
+        lr,
+        tl.load(hyper + 1),
+        tl.load(hyper + 2),
+        not (MOMENTUM and not FIRST),
+        NESTEROV,
+    )
+    after_coeff = -lr * (1.0 + growth)  # without Nesterov x_+ = x + growth x + after b_+
     for start in range(0, size, BLOCK):
-        index = start + lanes
+        index = start + tl.arange(0, BLOCK)
         mask = index < size
         x = tl.load(x_ptr + index, mask=mask, other=0).to(COMPUTE)
         u = tl.load(u_ptr + index, mask=mask, other=0).to(COMPUTE)
@@ -232,11 +227,10 @@ def psi_sgd_step(
     """The PSI SGD step, in place, of ``(x, grad, buffer, group_size)`` entries: contiguous
     tensors of one device and dtype whose groups are the rows of ``(-1, group_size)`` views;
     ``buffer`` is ``None`` without momentum, its content ignored at the ``first`` step.
-    The same update as :func:`psi_geoopt.optim._psi_apply` with
-    :func:`psi_geoopt.optim._psi_coefficients`."""
+    The same update as :func:`.eager.psi_sgd_rows`."""
     _launch(
         [(x, grad, buffer, None, None, size) for x, grad, buffer, size in entries],
-        _sgd_hyper_parameters(lr, momentum, dampening),
+        sgd_hyper_parameters(lr, momentum, dampening),
         MOMENTUM=momentum != 0,
         FIRST=first,
         NESTEROV=nesterov,
@@ -255,12 +249,12 @@ def psi_adam_step(
 ) -> None:
     r"""The PSI Adam step, in place, of ``(x, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
     group_size)`` entries (``max_exp_avg_sq`` ``None`` without AMSGrad) at step ``step``:
-    the update of :func:`psi_geoopt.optim._psi_adam`, the SGD step with momentum and
-    dampening :math:`\beta_1` and the group's learning rate
-    :math:`\eta / ((1 - \beta_1^t)(\sqrt{\hat v_t / (1 - \beta_2^t)} + \epsilon))`."""
+    the update of :func:`.eager.psi_adam_rows`, the SGD step with momentum and dampening
+    :math:`\beta_1` and the group's learning rate of
+    :func:`~psi_geoopt.optim._closed_form.adam_step_size`."""
     _launch(
         entries,
-        _adam_hyper_parameters(lr, betas, eps, step),
+        adam_hyper_parameters(lr, betas, eps, step),
         MOMENTUM=True,
         FIRST=False,
         NESTEROV=False,
@@ -272,8 +266,8 @@ def psi_adam_step(
 def _launch(entries: list[tuple], values: tuple[float, ...], **flags: bool) -> None:
     r"""One launch of :func:`_psi_kernel` over the rows of every entry ``(x, grad, buffer,
     second moment, its maximum, group_size)`` (absent tensors ``None``), with the
-    hyper-parameters ``values`` of :func:`psi_geoopt.optim._sgd_hyper_parameters` or
-    :func:`psi_geoopt.optim._adam_hyper_parameters`."""
+    hyper-parameters ``values`` of :func:`~psi_geoopt.optim._closed_form.sgd_hyper_parameters`
+    or :func:`~psi_geoopt.optim._closed_form.adam_hyper_parameters`."""
     x0 = entries[0][0]
     device, dtype = x0.device, x0.dtype
     compute = numpy.float64 if dtype == torch.float64 else numpy.float32

@@ -1,5 +1,5 @@
-"""The Triton kernel of the PSI SGD and Adam steps (:mod:`psi_geoopt.triton_step`) against the
-reference loop and geoopt's Adam.
+"""The Triton kernel of the PSI SGD and Adam steps (:mod:`psi_geoopt.optim.kernels.triton`)
+against the reference loop and geoopt's Adam.
 
 On a machine with a CUDA GPU the tests run the compiled kernel on CUDA tensors. Without one,
 :func:`test_kernel_tests_in_interpreter` runs them again in a fresh Python process with
@@ -9,30 +9,47 @@ the kernel is defined, so it needs a process of its own).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
+import numpy
 import pytest
 import torch
-from test_optim import (
+
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+
+import triton.language as tl  # noqa: E402
+from conftest import (  # noqa: E402
+    ADAM_CASES,
     ADAM_CONFIGS,
+    CLOSED_FORM_CASES,
+    CLOSED_FORM_INPUTS,
     CONFIGS,
     TOLERANCE,
     assert_same_adam_state,
     assert_same_trajectory,
+    closed_form_inputs,
+    closed_form_outputs,
     make_params,
     run,
     run_adam,
 )
 
-import psi_geoopt.optim as psi_optim
-from psi_geoopt.optim import RiemannianSGD
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="Triton is not installed"
+from psi_geoopt.optim import RiemannianSGD, _fused  # noqa: E402
+from psi_geoopt.optim._closed_form import (  # noqa: E402
+    adam_hyper_parameters,
+    adam_step_size,
+    gradient_norm,
+    specialize,
+    step_coefficients,
 )
+from psi_geoopt.optim.kernels.triton import (  # noqa: E402
+    _adam_step_size,
+    _gradient_norm,
+    _step_coefficients,
+)
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
 STEPS = 6 if INTERPRETED else 25  # the interpreter runs every program in Python
@@ -72,7 +89,7 @@ def test_kernel_compiles_for_gpus(capability, storage):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from psi_geoopt.triton_step import _psi_kernel
+    from psi_geoopt.optim.kernels.triton import _psi_kernel
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton has no NVIDIA backend")
@@ -109,17 +126,98 @@ def test_kernel_compiles_for_gpus(capability, storage):
         assert compiled.asm["cubin"], flags
 
 
+@triton.jit
+def _closed_forms_kernel(
+    inputs, hyper, outputs, FIRST: tl.constexpr, NESTEROV: tl.constexpr, AMSGRAD: tl.constexpr
+):
+    """The kernel's closed forms on one group per program: the inputs of
+    ``conftest.CLOSED_FORM_INPUTS``, the outputs of ``conftest.closed_form_outputs``."""
+    group = tl.program_id(0)
+    row = inputs + 8 * group
+    xx = tl.load(row)
+    norm = _gradient_norm(xx, tl.load(row + 1), tl.load(row + 2))
+    e_x, e_u, e_b, shift, c_u, c_b, growth = _step_coefficients(
+        xx,
+        tl.load(row + 1),
+        xx * norm,
+        tl.load(row + 3),
+        tl.load(row + 4),
+        tl.load(row + 5),
+        tl.load(hyper),
+        tl.load(hyper + 1),
+        FIRST,
+        NESTEROV,
+    )
+    second, moment, rate = _adam_step_size(
+        tl.load(row + 6),
+        tl.load(row + 7),
+        norm,
+        tl.load(hyper + 2),
+        tl.load(hyper + 3),
+        tl.load(hyper + 4),
+        tl.load(hyper + 5),
+        tl.load(hyper + 6),
+        tl.load(hyper + 7),
+        AMSGRAD,
+    )
+    out = outputs + 11 * group
+    tl.store(out, norm)
+    tl.store(out + 1, e_x)
+    tl.store(out + 2, e_u)
+    tl.store(out + 3, e_b)
+    tl.store(out + 4, shift)
+    tl.store(out + 5, c_u)
+    tl.store(out + 6, c_b)
+    tl.store(out + 7, growth)
+    tl.store(out + 8, second)
+    tl.store(out + 9, moment)
+    tl.store(out + 10, rate)
+
+
+@kernel_test
+@pytest.mark.parametrize("adam", ADAM_CASES[1:])
+@pytest.mark.parametrize(
+    "case", CLOSED_FORM_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
+)
+def test_kernel_closed_forms_are_the_closed_forms(case, adam):
+    """The kernel's coefficients are those of :mod:`psi_geoopt.optim._closed_form` (compiled
+    by Triton from the same source), on random float64 inputs against NumPy's."""
+    inputs = closed_form_inputs(seed=2)
+    groups = len(inputs["xx"])
+    table = numpy.stack([inputs[name] for name in CLOSED_FORM_INPUTS], axis=1)
+    beta1, beta2, eps, step, amsgrad = adam
+    lr, _, _, *adam_hyper = adam_hyper_parameters(0.01, (beta1, beta2), eps, step)
+    hyper = torch.tensor([case["momentum"], case["keep"], lr, *adam_hyper], dtype=torch.float64)
+    outputs = torch.zeros(groups, 11, dtype=torch.float64, device=DEVICE)
+    _closed_forms_kernel[(groups,)](
+        torch.from_numpy(table).to(DEVICE),
+        hyper.to(DEVICE),
+        outputs,
+        FIRST=case["first"],
+        NESTEROV=case["nesterov"],
+        AMSGRAD=amsgrad,
+    )
+    forms = {
+        f.__name__: specialize(f, numpy) for f in (gradient_norm, step_coefficients, adam_step_size)
+    }
+    expected = closed_form_outputs(forms, inputs, case, adam)
+    for index, values in enumerate(expected):
+        numpy.testing.assert_allclose(
+            outputs[:, index].cpu().numpy(), values, rtol=1e-10, err_msg=str(index)
+        )
+
+
 @pytest.fixture
 def kernel(monkeypatch):
     """The PSI tensors of the fast paths go through the kernel (in the interpreter: on CPU);
     yields the list of launches (SGD: its ``first`` flag, Adam: ``"adam"``), and fails a
     test whose steps never launch it."""
-    from psi_geoopt import triton_step
+    from psi_geoopt.optim.kernels import triton as triton_step
 
     launches = []
     if INTERPRETED:
         monkeypatch.setattr(
-            psi_optim, "_takes_kernel", lambda point, size: size <= triton_step.MAX_ROW
+            _fused, "_takes_kernel", lambda point, size: size <= triton_step.MAX_ROW
         )
     sgd_step, adam_step = triton_step.psi_sgd_step, triton_step.psi_adam_step
 

@@ -25,27 +25,10 @@ import geoopt
 import torch
 from geoopt import ManifoldParameter, ManifoldTensor
 
-from .manifold import PSIManifold
+from ..manifold import PSIManifold
+from ._mixin import StabilizeChecksPoints
 
-__all__ = ["SparseRiemannianAdam", "SparseRiemannianSGD", "StabilizeChecksPoints"]
-
-
-class StabilizeChecksPoints:
-    """Mixin for geoopt optimizers: ``stabilize_group`` first runs
-    :meth:`~geoopt.Manifold.assert_check_point` on every manifold parameter of the group.
-
-    geoopt's ``stabilize_group`` calls :meth:`~geoopt.Manifold.projx`, which on
-    :class:`~psi_geoopt.PSIManifold` does not read the values (it runs at every step of geoopt's
-    ``RiemannianAdam``); with this mixin ``stabilize=N`` raises a ``ValueError`` naming the zero
-    or non-finite groups every ``N`` steps instead of training on from a bad point.
-    """
-
-    @torch.no_grad()
-    def stabilize_group(self, group: dict) -> None:
-        for point in group["params"]:
-            if isinstance(point, (ManifoldParameter, ManifoldTensor)):
-                point.manifold.assert_check_point(point)
-        super().stabilize_group(group)
+__all__ = ["SparseRiemannianAdam", "SparseRiemannianSGD", "rows_hold_whole_groups"]
 
 
 def _psi_manifold(manifold: geoopt.Manifold) -> PSIManifold | None:

@@ -10,13 +10,13 @@ few; on a large network each of those operations is a pass over memory. Compiled
 
 1. reads the row of :math:`x`, :math:`u = \nabla f(x)` and the buffer :math:`b` once,
    accumulating :math:`s_{xx}, s_{xu}, s_{uu}, s_{bu}, s_{bb}` in float64;
-2. forms the coefficients of :func:`psi_geoopt.optim._psi_coefficients` on float64 scalars:
-   the same source, :func:`psi_geoopt.optim._step_coefficients`, compiled;
+2. forms the per-group coefficients on float64 scalars: the closed forms of
+   :mod:`psi_geoopt.optim._closed_form`, compiled with NumPy's ``sqrt`` and ``maximum``;
 3. reads the row again and writes :math:`b_+` and :math:`x_+`, each rounded once to the
    storage dtype. The row is still in cache: per element, memory sees one read of
    :math:`x, u, b` and one write of :math:`x, b`.
 
-It is the CPU twin of the Triton kernel of :mod:`psi_geoopt.triton_step`, and used by
+It is the CPU twin of the Triton kernel of :mod:`.triton`, and used by
 :class:`~psi_geoopt.optim.RiemannianSGD` and :class:`~psi_geoopt.optim.RiemannianAdam` on CPU
 (Numba is a dependency; where it cannot be imported they run the same step eagerly).
 Arrays are float32 or float64 (float16/bfloat16 tensors are computed on float32 copies),
@@ -27,13 +27,22 @@ instead of raising.
 
 from __future__ import annotations
 
-import math
+import hashlib
+import inspect
 from collections.abc import Callable
 
 import numba
 import numpy
 
-from .optim import _adam_hyper_parameters, _sgd_hyper_parameters, _step_coefficients
+from .. import _closed_form
+from .._closed_form import (
+    adam_hyper_parameters,
+    adam_step_size,
+    gradient_norm,
+    sgd_hyper_parameters,
+    specialize,
+    step_coefficients,
+)
 
 __all__ = ["psi_adam_rows", "psi_sgd_rows"]
 
@@ -43,13 +52,24 @@ _OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"
 multiplications and additions contracted into fused multiply-adds."""
 
 
-_coefficients = numba.njit(**_OPTIONS)(_step_coefficients)
+_gradient_norm, _step_coefficients, _adam_step_size = (
+    numba.njit(**_OPTIONS)(specialize(function, numpy))
+    for function in (gradient_norm, step_coefficients, adam_step_size)
+)
+
+
+_CLOSED_FORMS = hashlib.sha256(inspect.getsource(_closed_form).encode()).hexdigest()
+"""A digest of :mod:`psi_geoopt.optim._closed_form`, a closure variable of :func:`_psi_rows`:
+Numba keys the on-disk cache of a function to its own file and to its closure, and the loop
+inlines the closed forms, so without it an edit of the closed forms would leave the loop
+running the old ones from the cache."""
 
 
 def _compile_rows(parallel: bool) -> Callable[..., None]:
     """:func:`_psi_rows` compiled serially or with its groups spread over threads (``rows``
     is then :func:`numba.prange`; a distinct closure, so that the two are cached apart)."""
     rows = numba.prange if parallel else range
+    closed_forms = _CLOSED_FORMS
 
     @numba.njit(parallel=parallel, **_OPTIONS)
     def _psi_rows(
@@ -70,7 +90,8 @@ def _compile_rows(parallel: bool) -> Callable[..., None]:
         running maximum, broadcast over each row (ignored without ``adam``, ``peak`` without
         ``amsgrad``). ``hyper``: :math:`\eta, \mu, 1 - \tau` and for Adam
         :math:`\beta_2, 1 - \beta_2, \epsilon, 1 - \beta_1^t, 1 - \beta_2^t`
-        (:func:`psi_geoopt.optim._adam_hyper_parameters`)."""
+        (:func:`~psi_geoopt.optim._closed_form.adam_hyper_parameters`)."""
+        closed_forms  # noqa: B018 (in the closure, hence in the cache key: see _CLOSED_FORMS)
         groups, size = x.shape
         lr, momentum, keep = hyper[0], hyper[1], hyper[2]
         with_buffer = with_momentum and not first
@@ -85,16 +106,23 @@ def _compile_rows(parallel: bool) -> Callable[..., None]:
                     bi = numpy.float64(b[row, i])
                     bu += bi * ui
                     bb += bi * bi
-            gradient_norm = max(xx * uu - xu * xu, 0.0)  # |g|_g^2, and |g|^2 = s_xx |g|_g^2
-            gg = xx * gradient_norm
+            norm = _gradient_norm(xx, xu, uu)  # |g|_g^2, and |g|^2 = s_xx |g|_g^2
             step_size = lr
             if adam:  # the group's learning rate from its second moment
-                moment = new_second = hyper[3] * second[row, 0] + hyper[4] * gradient_norm
-                if amsgrad:
-                    moment = max(peak[row, 0], new_second)
-                step_size = lr / (hyper[6] * (math.sqrt(moment / hyper[7]) + hyper[5]))
-            bx_coeff, bu_coeff, bb_coeff, x_shift, u_coeff, b_coeff, growth = _coefficients(
-                xx, xu, gg, bu, bb, step_size, momentum, keep, not with_buffer, nesterov
+                new_second, moment, step_size = _adam_step_size(
+                    second[row, 0],
+                    peak[row, 0],
+                    norm,
+                    lr,
+                    hyper[3],
+                    hyper[4],
+                    hyper[5],
+                    hyper[6],
+                    hyper[7],
+                    amsgrad,
+                )
+            bx_coeff, bu_coeff, bb_coeff, x_shift, u_coeff, b_coeff, growth = _step_coefficients(
+                xx, xu, xx * norm, bu, bb, step_size, momentum, keep, not with_buffer, nesterov
             )
             if not with_momentum:  # d = g, as at a first step
                 for i in range(size):
@@ -142,9 +170,8 @@ def psi_sgd_rows(
     """The PSI SGD step, in place, of ``(x, grad, buffer)`` entries: the rows of ``x``
     (``(groups, group_size)``) with gradient ``grad`` and momentum ``buffer`` (``None``
     without momentum, its content ignored at the ``first`` step); one call per entry. The
-    update of :func:`psi_geoopt.optim._psi_apply` with
-    :func:`psi_geoopt.optim._psi_coefficients`."""
-    hyper = numpy.array(_sgd_hyper_parameters(lr, momentum, dampening))
+    update of :func:`.eager.psi_sgd_rows`."""
+    hyper = numpy.array(sgd_hyper_parameters(lr, momentum, dampening))
     flags = (momentum != 0, first, nesterov, False, False)
     for x, grad, buffer in entries:  # absent arrays are passed as x, never touched
         kernel = _PARALLEL if x.size >= PARALLEL_NUMEL else _SERIAL
@@ -161,10 +188,9 @@ def psi_adam_rows(
 ) -> None:
     r"""The PSI Adam step, in place, of ``(x, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq])``
     entries (the last with AMSGrad) at step ``step``: the update of
-    :func:`psi_geoopt.optim._psi_adam`, the SGD step with momentum and dampening
-    :math:`\beta_1` and the group's learning rate
-    :math:`\eta / ((1 - \beta_1^t)(\sqrt{\hat v_t / (1 - \beta_2^t)} + \epsilon))`."""
-    hyper = numpy.array(_adam_hyper_parameters(lr, betas, eps, step))
+    :func:`.eager.psi_adam_rows`, the SGD step with momentum and dampening :math:`\beta_1` and
+    the group's learning rate of :func:`~psi_geoopt.optim._closed_form.adam_step_size`."""
+    hyper = numpy.array(adam_hyper_parameters(lr, betas, eps, step))
     for x, grad, exp_avg, second, *peak in entries:
         kernel = _PARALLEL if x.size >= PARALLEL_NUMEL else _SERIAL
         maximum = peak[0] if peak else second

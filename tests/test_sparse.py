@@ -1,4 +1,4 @@
-"""The sparse optimizers of :mod:`psi_geoopt.sparse_optim` on PSI rows, and their refusals.
+"""The sparse optimizers of :mod:`psi_geoopt.optim.sparse` on PSI rows, and their refusals.
 
 geoopt's sparse optimizers step ``point[rows]`` for the rows that have a gradient: right when
 every PSI group lies in one row, wrong otherwise. Ours take the first kind, step for step like
@@ -14,7 +14,7 @@ from torch import nn
 
 import psi_geoopt.optim
 from psi_geoopt import PSIManifold
-from psi_geoopt.sparse_optim import SparseRiemannianAdam, SparseRiemannianSGD
+from psi_geoopt.optim import SparseRiemannianAdam, SparseRiemannianSGD
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
