@@ -190,7 +190,7 @@ def test_compare_without_the_adamp_package(tmp_path, monkeypatch, capsys):
     [
         (["compare", "--optimizers", "lamb"], "psi-sgd-momentum"),
         (["compare", "--models", "vgg"], "preact-resnet"),
-        (["compare", "--datasets", "mnist"], "synthetic"),
+        (["compare", "--datasets", "imagenet"], "synthetic"),
         (["compare", "--lrs", "-0.1"], "positive"),
         (["compare", "--lr-factors", "0"], "positive"),
         (["compare", "--lrs", "0.1", "--lr-factors", "1"], "not allowed with"),

@@ -8,7 +8,8 @@ import torch
 
 import psi_geoopt
 from psi_geoopt import PSIManifold
-from psi_geoopt.experiments.data import DATASETS, load_dataset
+from psi_geoopt.experiments import data
+from psi_geoopt.experiments.data import IN_MEMORY_DATASETS, load_dataset
 from psi_geoopt.experiments.models import MODELS, build_model, rescale
 from psi_geoopt.experiments.optimizers import OPTIMIZERS, build_optimizer, to_unit_sphere
 from psi_geoopt.experiments.training import evaluate, train, train_from_scratch
@@ -30,7 +31,7 @@ def _psi_weights(model) -> dict[str, int | None]:
 # ------------------------------------------------------------------------------------- data
 
 
-@pytest.mark.parametrize("name", DATASETS)
+@pytest.mark.parametrize("name", IN_MEMORY_DATASETS)
 def test_dataset_shapes_classes_and_fixed_split(name):
     dataset = load_dataset(name)
     assert dataset.train_inputs.shape[1:] == (1, 8, 8) == dataset.test_inputs.shape[1:]
@@ -38,7 +39,7 @@ def test_dataset_shapes_classes_and_fixed_split(name):
     assert len(dataset.train_inputs) == len(dataset.train_targets)
     assert set(dataset.train_targets.tolist()) == set(range(10))
     assert set(dataset.test_targets.tolist()) <= set(range(10))
-    load_dataset.cache_clear()
+    data._in_memory.cache_clear()
     again = load_dataset(name)
     assert torch.equal(again.train_inputs, dataset.train_inputs)
     assert torch.equal(again.test_targets, dataset.test_targets)
@@ -53,8 +54,8 @@ def test_digits_split_and_standardization(digits):
 
 
 def test_unknown_dataset_lists_choices():
-    with pytest.raises(ValueError, match="digits, synthetic"):
-        load_dataset("mnist")
+    with pytest.raises(ValueError, match=r"digits, synthetic, cifar10, .*, imagefolder"):
+        load_dataset("imagenet")
 
 
 # ----------------------------------------------------------------------------------- models
