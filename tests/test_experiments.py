@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import geoopt
+import numpy as np
 import pytest
 import torch
+from conftest import write_cifar
 
 import psi_geoopt
 from psi_geoopt import PSIManifold
 from psi_geoopt.experiments import data
 from psi_geoopt.experiments.data import IN_MEMORY_DATASETS, load_dataset
+from psi_geoopt.experiments.formats import ImageSplits
+from psi_geoopt.experiments.images import ImageDataset
 from psi_geoopt.experiments.models import MODELS, build_model, rescale
 from psi_geoopt.experiments.optimizers import OPTIMIZERS, build_optimizer, to_unit_sphere
-from psi_geoopt.experiments.training import evaluate, train, train_from_scratch
+from psi_geoopt.experiments.recipe import Recipe
+from psi_geoopt.experiments.training import (
+    evaluate,
+    scale_invariant_weights,
+    train,
+    train_from_scratch,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +98,66 @@ def test_scale_invariant_weights_of_the_residual_models():
 def test_unknown_model_lists_choices():
     with pytest.raises(ValueError, match="mlp-bn, convnet-bn, resnet, preact-resnet"):
         build_model("vgg", 0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
+def test_builtin_models_take_any_image_shape(name, shape):
+    model = build_model(name, 0, num_classes=7, input_shape=shape)
+    assert model(torch.randn(4, *shape)).shape == (4, 7)
+
+
+def test_zoo_models_need_their_package(monkeypatch):
+    from psi_geoopt.experiments import models
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="needs the package 'timm': pip install timm"):
+        build_model("timm:resnet18", 0)
+    assert "torchvision:NAME, timm:NAME" in models.check_model_name("keras:resnet")
+
+
+_NO_TORCHVISION = importlib.util.find_spec("torchvision") is None
+_NO_TIMM = importlib.util.find_spec("timm") is None
+
+
+@pytest.mark.skipif(_NO_TORCHVISION, reason="torchvision is not installed (optional)")
+def test_torchvision_resnet_with_the_cifar_stem():
+    model = build_model("torchvision:resnet18", 3, 10, (3, 8, 8), cifar_stem=True)
+    assert (model.conv1.kernel_size, model.conv1.stride) == ((3, 3), (1, 1))
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    inputs = torch.randn(4, 3, 8, 8)
+    assert model(inputs).shape == (4, 10)
+    same = build_model("torchvision:resnet18", 3, 10, (3, 8, 8), cifar_stem=True)
+    assert torch.equal(model.conv1.weight, same.conv1.weight)
+    plain = build_model("torchvision:resnet18", 3, 10, (1, 32, 32))
+    assert plain.conv1.kernel_size == (7, 7) and plain.conv1.in_channels == 1
+
+
+@pytest.mark.skipif(_NO_TORCHVISION, reason="torchvision is not installed (optional)")
+def test_torchvision_vgg_with_the_cifar_head_and_refused_architectures():
+    model = build_model("torchvision:vgg11_bn", 0, 10, (1, 32, 32), cifar_stem=True)
+    assert model.features[0].in_channels == 1
+    assert isinstance(model.classifier, torch.nn.Linear) and model.classifier.in_features == 512
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="cannot adapt 'torchvision:mobilenet_v2'"):
+        build_model("torchvision:mobilenet_v2", 0, 10, (3, 32, 32), cifar_stem=True)
+    with pytest.raises(ValueError, match="torchvision has no classification model 'fcn_resnet50'"):
+        build_model("torchvision:fcn_resnet50", 0)
+
+
+@pytest.mark.skipif(_NO_TIMM, reason="timm is not installed (optional)")
+def test_timm_deep_stem_resnet_with_the_cifar_stem():
+    model = build_model("timm:test_resnet", 0, 10, (1, 8, 8), cifar_stem=True)
+    assert model.conv1[0].stride == (1, 1) and model.conv1[0].in_channels == 1
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    assert model(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+    # timm zero-initializes the last BN scale of each block: the probe sets it to one
+    images = np.random.default_rng(0).integers(0, 256, (8, 1, 8, 8), dtype=np.uint8)
+    labels = np.arange(8) % 2
+    tiny = ImageDataset.from_splits("tiny", ImageSplits(images, labels, images, labels, ("a", "b")))
+    psi = scale_invariant_weights("timm:test_resnet", tiny, batch_size=8, cifar_stem=True)
+    convolutions = [n for n, p in model.named_parameters() if p.ndim == 4]
+    assert sorted(psi) == sorted(convolutions) and "fc.weight" not in psi
 
 
 @pytest.mark.parametrize("epsilon, tolerance", [(1e-30, 1e-10), (1e-5, 1e-4)])
@@ -204,7 +276,8 @@ def _run(optimizer: str, init_scale, steps: int = 20, **kwargs):
 
 def test_training_is_deterministic_for_a_seed():
     first, second = _run("psi-sgd", 1.0).as_dict(), _run("psi-sgd", 1.0).as_dict()
-    first.pop("wall_s"), second.pop("wall_s")
+    for timing in ("wall_s", "images_per_s"):
+        first.pop(timing), second.pop(timing)
     assert first == second
     other = train_from_scratch(
         "mlp-bn", "psi-sgd", load_dataset("digits"), lr=0.3, seed=2, steps=20, log_every=1
@@ -244,12 +317,13 @@ def test_evaluate_with_batch_statistics_keeps_running_statistics(digits):
     model.train()
     model(digits.train_inputs[:64])
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    loss, accuracy = evaluate(model, digits.test_inputs, digits.test_targets, batch_statistics=True)
+    test_set = [(digits.test_inputs, digits.test_targets)]
+    loss, accuracy = evaluate(model, test_set, batch_statistics=True)
     assert loss > 0 and 0 <= accuracy <= 1
     assert model.training
     for name, buffer in model.named_buffers():
         assert torch.equal(buffer, buffers[name])
-    evaluate(model, digits.test_inputs, digits.test_targets, batch_statistics=False)
+    evaluate(model, test_set, batch_statistics=False)
     assert model.training
 
 
@@ -260,3 +334,48 @@ def test_train_rejects_bad_settings(digits):
         train(model, optimizer, digits, steps=0, seed=0)
     with pytest.raises(ValueError, match="batch_size"):
         train(model, optimizer, digits, steps=1, seed=0, batch_size=10_000)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, per_file=40)
+    return load_dataset("cifar10", root)
+
+
+def _recipe_run(dataset, optimizer: str = "psi-sgd-momentum", **settings):
+    recipe = Recipe(**{"schedule": "cosine", "warmup_steps": 2, "augment": "crop-flip", **settings})
+    return train_from_scratch(
+        "mlp-bn",
+        optimizer,
+        dataset,
+        lr=0.03,
+        seed=0,
+        init_scale=3.0,
+        steps=15,
+        batch_size=40,
+        log_every=5,
+        recipe=recipe,
+    )
+
+
+def test_a_recipe_run_on_cifar_files_trains_and_is_reproducible(cifar):
+    first = _recipe_run(cifar).as_dict()
+    assert len(first["loss_curve"]) == 3 and first["loss_curve"][-1] < first["loss_curve"][0]
+    assert first["final_train_loss"] < first["loss_curve"][0] and not first["diverged"]
+    assert first["test_accuracy"] > 0.3  # ten classes, one colour each
+    assert first["images_per_s"] > 0
+    second = _recipe_run(cifar).as_dict()
+    for timing in ("wall_s", "images_per_s"):
+        first.pop(timing), second.pop(timing)
+    assert first == second
+    bf16 = _recipe_run(cifar, precision="bf16")
+    torch.testing.assert_close(
+        torch.tensor(bf16.loss_curve), torch.tensor(first["loss_curve"]), atol=0.05, rtol=0
+    )
+
+
+def test_psi_weights_of_a_model_on_image_data(cifar):
+    found = scale_invariant_weights("convnet-bn", cifar, batch_size=40)
+    assert sorted(found) == ["0.weight", "3.weight", "7.weight"]
+    assert all(dim == 0 for dim in found.values())
