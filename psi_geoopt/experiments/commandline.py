@@ -20,6 +20,7 @@ __all__ = [
     "check_batch_size",
     "check_output_directory",
     "format_table",
+    "non_negative_float",
     "non_negative_int",
     "positive_float",
     "positive_int",
@@ -59,6 +60,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite ``float`` >= 0 (argparse type)."""
+    value = _parse(text, float, "a non-negative number")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative finite number, got {text!r}")
+    return value
+
+
 def batch_size(text: str) -> int:
     """An ``int`` >= 2: BatchNorm needs two samples per batch (argparse type)."""
     value = _parse(text, int, "an integer >= 2")
@@ -93,10 +102,11 @@ def check_output_directory(directory: Path) -> str | None:
     return None
 
 
-def check_batch_size(batch_size: int, datasets: Sequence[str]) -> str | None:
-    """The reason ``--batch-size`` exceeds the training set of one of ``datasets``, else None."""
+def check_batch_size(batch_size: int, datasets: Sequence[str], **location) -> str | None:
+    """The reason ``--batch-size`` exceeds the training set of one of ``datasets``, else None
+    (``location``: the ``data_dir`` and ``image_size`` of datasets read from disk)."""
     for name in datasets:
-        samples = len(load_dataset(name).train_targets)
+        samples = load_dataset(name, **location).num_train
         if batch_size > samples:
             return f"--batch-size {batch_size} exceeds the {samples} training samples of {name!r}"
     return None
