@@ -315,6 +315,7 @@ def _broken_cifar_batch(root: Path) -> None:
         (write_cifar, ["--data-dir", "{root}", "--cifar-stem"], "applies to torchvision:NAME"),
         (None, ["--datasets", "digits", "--augment", "crop-flip"], "applies to image datasets"),
         (None, ["--device", "tpu"], "expected cpu, cuda or cuda:N"),
+        (None, ["--warmup-epochs", "1"], "--warmup-epochs 1 leaves nothing of --epochs 1"),
     ],
 )
 def test_bad_data_and_recipe_fail_before_training(

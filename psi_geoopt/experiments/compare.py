@@ -285,6 +285,7 @@ def _add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     length.add_argument(
         "--epochs",
         type=positive_int,
+        metavar="N",
         help="train each run for N passes over the training set instead (the loss curve then "
         "has one point per epoch)",
     )
@@ -341,6 +342,7 @@ def _add_data_and_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=non_negative_int,
         default=0,
+        metavar="N",
         help="data-loading processes for image datasets; results do not depend on it "
         "(default: %(default)s)",
     )
@@ -500,6 +502,9 @@ def _check_recipe(args: argparse.Namespace, grid: dict) -> str | None:
         error = f"--augment {args.augment} applies to image datasets, not {', '.join(in_memory)}"
     if error is None and args.cifar_stem and all(model in MODELS for model in grid["models"]):
         error = "--cifar-stem applies to torchvision:NAME and timm:NAME models only"
+    if error is None and grid["epochs"] is not None and args.warmup_epochs >= grid["epochs"]:
+        warmup, epochs = args.warmup_epochs, grid["epochs"]
+        error = f"--warmup-epochs {warmup:g} leaves nothing of --epochs {epochs}"
     return error
 
 
