@@ -150,10 +150,11 @@ class _EpochProgress:
         self.correct += correct
         self.seen += self.batch_size
         self.bar.update()
+        rate = self.seen / (time.perf_counter() - self.start)
         self.bar.set_postfix(
             loss=f"{self.loss / self.bar.n:.4f}",
             acc=f"{100 * self.correct / self.seen:.1f}%",
-            img_s=f"{self.seen / (time.perf_counter() - self.start):.0f}",
+            img_s=f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}",
             lr=f"{lr:.3g}",
             refresh=False,
         )
