@@ -115,4 +115,8 @@ class Recipe:
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """A loss scaler for fp16 (float16 gradients underflow without it), else None."""
-        return torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        if self.precision != "fp16":
+            return None
+        if hasattr(torch.amp, "GradScaler"):
+            return torch.amp.GradScaler("cuda")
+        return torch.cuda.amp.GradScaler()  # torch < 2.3
