@@ -23,6 +23,7 @@ __all__ = [
     "check_output_directory",
     "format_table",
     "machine_description",
+    "non_negative_float",
     "non_negative_int",
     "positive_float",
     "positive_int",
@@ -59,6 +60,14 @@ def positive_float(text: str) -> float:
     value = _parse(text, float, "a positive number")
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite ``float`` >= 0 (argparse type)."""
+    value = _parse(text, float, "a non-negative number")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative finite number, got {text!r}")
     return value
 
 

@@ -1,5 +1,6 @@
-"""Shared hypothesis strategies and helpers for the tests of :class:`psi_geoopt.PSIManifold`
-and of the optimizers.
+"""Shared helpers of the tests: hypothesis strategies and helpers for the tests of
+:class:`psi_geoopt.PSIManifold` and of the optimizers, and writers of small datasets in their
+on-disk formats.
 
 Groups are recomputed here independently of the manifold (move the group axis to the front
 and flatten the rest), so the tests compare the manifold with a second implementation.
@@ -7,6 +8,8 @@ and flatten the rest), so the tests compare the manifold with a second implement
 
 from __future__ import annotations
 
+import gzip
+import pickle
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -353,3 +356,103 @@ def closed_form_outputs(forms: dict, group: dict, case: dict, adam: tuple) -> tu
     )
     moments = forms["adam_step_size"](group["second"], group["peak"], norm, lr, *hyper, amsgrad)
     return (norm, *coefficients, *moments)
+
+
+# ------------------------------------------------------------------- datasets in their formats
+
+
+def write_cifar(
+    root, *, num_classes: int = 10, per_file: int = 40, seed: int = 0, bytes_keys: bool = False
+) -> dict[str, numpy.ndarray]:
+    """Write random CIFAR-10 (``num_classes=10``: five training batches and a test batch of
+    ``per_file`` images) or CIFAR-100 (``100``: ``train`` and ``test`` of ``5 * per_file`` and
+    ``per_file``) python pickles under ``root`` as the originals are laid out; return the
+    images ``(N, 3, 32, 32)`` and labels written, per split.
+
+    Keys are ``str`` as in the original Python 2 pickles read with ``latin1``, or ``bytes``.
+    The images are learnable: each class has its own colour, plus noise.
+    """
+    rng = numpy.random.default_rng(seed)
+    colours = rng.uniform(0, 255, (num_classes, 3, 1, 1))
+    cifar10 = num_classes == 10
+    folder = root / ("cifar-10-batches-py" if cifar10 else "cifar-100-python")
+    folder.mkdir(parents=True)
+    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
+    label_key = "labels" if cifar10 else "fine_labels"
+    files = [f"data_batch_{i}" for i in range(1, 6)] if cifar10 else ["train"]
+    per_train_file = per_file if cifar10 else 5 * per_file
+    written = {}
+    for split, names, count in (
+        ("train", files, per_train_file),
+        ("test", ["test_batch" if cifar10 else "test"], per_file),
+    ):
+        images, labels = [], []
+        for name in names:
+            targets = rng.integers(0, num_classes, count).tolist()
+            data = _noisy(colours[targets] + rng.normal(0, 40, (count, 3, 32, 32)))
+            data = data.reshape(count, 3072)
+            entry = {key("data"): data, key(label_key): targets, key("batch_label"): name}
+            if not cifar10:
+                entry[key("coarse_labels")] = [t // 5 for t in targets]
+            with (folder / name).open("wb") as file:
+                pickle.dump(entry, file, protocol=2)
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels.extend(targets)
+        written[split] = (numpy.concatenate(images), numpy.array(labels))
+    meta_name, names_key = (
+        ("batches.meta", "label_names") if cifar10 else ("meta", "fine_label_names")
+    )
+    with (folder / meta_name).open("wb") as file:
+        pickle.dump({key(names_key): [f"class{i}" for i in range(num_classes)]}, file, protocol=2)
+    return written
+
+
+def _noisy(values: numpy.ndarray) -> numpy.ndarray:
+    return numpy.clip(numpy.rint(values), 0, 255).astype(numpy.uint8)
+
+
+def write_idx(path, array: numpy.ndarray) -> None:
+    """An unsigned-byte IDX file (gzipped when ``path`` ends in ``.gz``)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as file:
+        file.write(header + array.astype(numpy.uint8).tobytes())
+
+
+def write_mnist(
+    directory, *, train: int = 120, test: int = 40, seed: int = 0, gz: bool = False
+) -> dict[str, numpy.ndarray]:
+    """Random 28x28 MNIST-format IDX files in ``directory`` (one brightness per class, plus
+    noise); the images ``(N, 28, 28)`` and labels written, per split."""
+    rng = numpy.random.default_rng(seed)
+    levels = rng.uniform(0, 255, (10, 1, 1))
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    written = {}
+    for split, prefix, count in (("train", "train", train), ("test", "t10k", test)):
+        labels = rng.integers(0, 10, count).astype(numpy.uint8)
+        images = _noisy(levels[labels] + rng.normal(0, 40, (count, 28, 28)))
+        write_idx(directory / f"{prefix}-images-idx3-ubyte{suffix}", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+        written[split] = (images, labels)
+    return written
+
+
+def write_image_folder(
+    root, *, classes=("cat", "dog", "frog"), train: int = 8, test: int = 3, size=(12, 10), seed=0
+) -> None:
+    """PNG files ``root/{train,test}/CLASS/NNN.png`` of RGB images of ``size`` (w, h), one
+    colour per class plus noise."""
+    from PIL import Image
+
+    rng = numpy.random.default_rng(seed)
+    colours = rng.uniform(0, 255, (len(classes), 3))
+    for split, count in (("train", train), ("test", test)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = _noisy(colours[label] + rng.normal(0, 40, (size[1], size[0], 3)))
+                Image.fromarray(pixels).save(folder / f"{index:03d}.png")

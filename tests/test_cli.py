@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import write_cifar, write_image_folder, write_mnist
 
 from psi_geoopt import cli
 from psi_geoopt.experiments import compare, demo, optimizers
@@ -26,7 +27,10 @@ FIELD_TYPES = {
     "steps_to_target": (int, type(None)), "wall_s": float, "loss_curve": list,
     "log_every": int, "diverged": bool,
     "initialization": str, "channel_factors": dict,  # demo
+    "images_per_s": (float, type(None)),
     "lr_factor": (float, type(None)),  # compare
+    "epochs": (int, type(None)), "schedule": str, "warmup_epochs": float, "augment": str,
+    "precision": str, "cifar_stem": bool, "image_size": (int, type(None)), "device": str,
 }  # fmt: skip
 """One type per field of results.json, in every record of demo and compare."""
 
@@ -59,7 +63,7 @@ def _runs(directory: Path) -> list[dict]:
 
 
 def _without_timing(runs: list[dict]) -> list[dict]:
-    return [{k: v for k, v in run.items() if k != "wall_s"} for run in runs]
+    return [{k: v for k, v in run.items() if k not in ("wall_s", "images_per_s")} for run in runs]
 
 
 @pytest.mark.skipif(
@@ -158,9 +162,23 @@ def test_compare_resumes_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys)
     before = _runs(out)
     assert _main(["compare", *TINY, "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
-    monkeypatch.setattr(compare, "execute", lambda spec: pytest.fail("nothing left to run"))
+    monkeypatch.setattr(compare, "execute", lambda *a: pytest.fail("nothing left to run"))
     assert _main(["compare", *TINY, "--out", str(out), "--resume"]) == 0
     assert _runs(out) == before
+
+
+def test_compare_resumes_results_written_before_the_recipe_fields(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert _main(["compare", *TINY, "--out", str(out)]) == 0
+    recipe_fields = ("epochs", "schedule", "warmup_epochs", "augment", "precision", "cifar_stem")
+    older = [
+        {k: v for k, v in run.items() if k not in (*recipe_fields, "image_size", "device")}
+        for run in _runs(out)
+    ]
+    (out / "results.json").write_text(json.dumps({"runs": older}))
+    monkeypatch.setattr(compare, "execute", lambda *a: pytest.fail("nothing left to run"))
+    assert _main(["compare", *TINY, "--out", str(out), "--resume"]) == 0
+    assert _runs(out) == older
 
 
 def _interrupted_at(call: int):
@@ -168,11 +186,11 @@ def _interrupted_at(call: int):
     execute = compare.execute
     calls = []
 
-    def interrupting(spec):
+    def interrupting(spec, runtime):
         calls.append(spec)
         if len(calls) == call:
             raise KeyboardInterrupt
-        return execute(spec)
+        return execute(spec, runtime)
 
     return interrupting
 
@@ -225,7 +243,7 @@ def test_compare_without_the_adamp_package(tmp_path, monkeypatch, capsys):
     """Asked for by name: an error before training; in the default list: left out, with a note."""
     monkeypatch.setattr(optimizers, "is_installed", lambda package: package != "adamp")
     execute = compare.execute
-    monkeypatch.setattr(compare, "execute", lambda spec: pytest.fail("training started"))
+    monkeypatch.setattr(compare, "execute", lambda *a: pytest.fail("training started"))
     assert _main(["compare", "--optimizers", "sgd", "sgdp", "--out", str(tmp_path / "a")]) == 2
     assert "sgdp need(s) the package(s) adamp (pip install adamp)" in capsys.readouterr().err
     monkeypatch.setattr(compare, "execute", execute)
@@ -246,7 +264,13 @@ def test_compare_without_the_adamp_package(tmp_path, monkeypatch, capsys):
     [
         (["compare", "--optimizers", "lamb"], "psi-sgd-momentum"),
         (["compare", "--models", "vgg"], "preact-resnet"),
-        (["compare", "--datasets", "mnist"], "synthetic"),
+        (["compare", "--datasets", "imagenet"], "fashion-mnist"),
+        (["compare", "--models", "keras:resnet"], "torchvision:NAME, timm:NAME"),
+        (["compare", "--epochs", "3", "--steps", "10"], "not allowed with"),
+        (["compare", "--warmup-epochs", "-1"], "non-negative"),
+        (["compare", "--schedule", "linear"], "cosine"),
+        (["compare", "--precision", "fp8"], "bf16"),
+        (["compare", "--workers", "-2"], "non-negative"),
         (["compare", "--lrs", "-0.1"], "positive"),
         (["compare", "--lr-factors", "0"], "positive"),
         (["compare", "--lrs", "0.1", "--lr-factors", "1"], "not allowed with"),
@@ -270,7 +294,7 @@ def test_bad_arguments_are_rejected_by_the_parser(argv, message, capsys):
 def test_batch_size_larger_than_the_training_set_fails_before_training(
     command, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(compare, "execute", lambda spec: pytest.fail("training started"))
+    monkeypatch.setattr(compare, "execute", lambda *a: pytest.fail("training started"))
     monkeypatch.setattr(demo, "train_from_scratch", lambda *a, **k: pytest.fail("training"))
     assert _main([command, "--out", str(tmp_path / "out"), "--batch-size", "1348"]) == 2
     message = "--batch-size 1348 exceeds the 1347 training samples of 'digits'"
@@ -282,11 +306,122 @@ def test_batch_size_larger_than_the_training_set_fails_before_training(
 def test_unwritable_output_directory_fails_before_training(command, tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.setattr(compare, "execute", lambda spec: pytest.fail("training started"))
+    monkeypatch.setattr(compare, "execute", lambda *a: pytest.fail("training started"))
     monkeypatch.setattr(demo, "train_from_scratch", lambda *a, **k: pytest.fail("training"))
     assert _main([command, "--out", str(blocker / "out")]) == 2
     captured = capsys.readouterr()
     assert "not writable" in captured.out + captured.err
+
+
+# ------------------------------------------------------------------------ data from disk
+
+CIFAR_GRID = [
+    "--datasets", "cifar10", "--models", "mlp-bn", "--optimizers", "psi-sgd-momentum", "sgd",
+    "--lr-factors", "1", "--init-scales", "1", "--seeds", "1", "--batch-size", "25",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_cifar(root, per_file=20)
+    return root
+
+
+def test_compare_on_cifar_files_with_the_recipe_trains_and_resumes(
+    cifar_dir, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    recipe = ["--epochs", "2", "--schedule", "cosine", "--warmup-epochs", "0.5"]
+    argv = ["compare", *CIFAR_GRID, *recipe, "--data-dir", str(cifar_dir), "--out", str(out)]
+    assert _main(argv) == 0
+    runs = _runs(out)
+    assert [r["optimizer"] for r in runs] == ["psi-sgd-momentum", "sgd"]
+    for run in runs:
+        assert RUN_FIELDS <= run.keys()
+        assert (run["epochs"], run["steps"], run["log_every"]) == (2, 8, 4)
+        recipe_fields = (run["schedule"], run["warmup_epochs"], run["augment"])
+        assert recipe_fields == ("cosine", 0.5, "crop-flip")
+        assert len(run["loss_curve"]) == 2 and run["device"] == "cpu"
+    summary = (out / "summary.md").read_text()
+    assert "2 epochs of batch 25" in summary and "mean over an epoch" in summary
+    assert "Training: learning-rate schedule cosine after 0.5 warm-up epoch(s)" in summary
+    assert f"--data-dir {cifar_dir}" in summary and "--epochs 2" in summary
+    assert (out / "heatmap-mlp-bn-cifar10.png").stat().st_size > 1000
+    monkeypatch.setattr(compare, "execute", lambda *a: pytest.fail("nothing left to run"))
+    assert _main([*argv, "--resume"]) == 0
+    assert _runs(out) == runs
+
+
+def _mnist_files_only(root: Path) -> None:
+    write_mnist(root)
+
+
+def _broken_cifar_batch(root: Path) -> None:
+    write_cifar(root, per_file=20)
+    (root / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"\x80\x02garbage")
+
+
+@pytest.mark.parametrize(
+    "prepare, options, message",
+    [
+        (None, [], "cifar10 is read from disk: it needs a data directory (--data-dir)"),
+        (None, ["--data-dir", "{root}/nowhere"], "the data directory"),
+        (_mnist_files_only, ["--data-dir", "{root}"], "cifar10: expected the files data_batch_1"),
+        (_broken_cifar_batch, ["--data-dir", "{root}"], "data_batch_2 is not a CIFAR python"),
+        (write_cifar, ["--data-dir", "{root}", "--batch-size", "101"], "exceeds the 100 training"),
+        (write_cifar, ["--data-dir", "{root}", "--precision", "fp16"], "needs --device cuda"),
+        (write_cifar, ["--data-dir", "{root}", "--cifar-stem"], "applies to torchvision:NAME"),
+        (None, ["--datasets", "digits", "--augment", "crop-flip"], "applies to image datasets"),
+        (None, ["--device", "tpu"], "expected cpu, cuda or cuda:N"),
+        (None, ["--warmup-epochs", "1"], "--warmup-epochs 1 leaves nothing of --epochs 1"),
+    ],
+)
+def test_bad_data_and_recipe_fail_before_training(
+    prepare, options, message, tmp_path, monkeypatch, capsys
+):
+    root = tmp_path / "data"
+    root.mkdir()
+    if prepare is write_cifar:
+        write_cifar(root, per_file=20)
+    elif prepare is not None:
+        prepare(root)
+    monkeypatch.setattr(compare, "execute", lambda *a: pytest.fail("training started"))
+    options = [option.format(root=root) for option in options]
+    argv = ["compare", *CIFAR_GRID, "--epochs", "1", *options, "--out", str(tmp_path / "out")]
+    assert _main(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_zoo_model_without_its_package_is_a_parser_error(monkeypatch, capsys):
+    from psi_geoopt.experiments import models
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit) as exit_info:
+        _main(["compare", "--models", "torchvision:resnet18"])
+    assert exit_info.value.code == 2
+    assert "needs the package 'torchvision': pip install torchvision" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None,
+    reason="torchvision is not installed (optional)",
+)
+def test_compare_trains_a_torchvision_model_on_an_image_folder(tmp_path):
+    write_image_folder(tmp_path / "folder", train=8, test=2)
+    argv = [
+        "compare", "--datasets", "imagefolder", "--image-size", "8", "--models",
+        "torchvision:resnet18", "--cifar-stem", "--optimizers", "psi-sgd-momentum",
+        "--lr-factors", "1", "--init-scales", "1", "--seeds", "1", "--epochs", "1",
+        "--batch-size", "8", "--data-dir", str(tmp_path / "folder"), "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert _main(argv) == 0
+    (run,) = _runs(tmp_path / "out")
+    assert run["model"] == "torchvision:resnet18" and run["cifar_stem"] and run["image_size"] == 8
+    assert (run["steps"], len(run["loss_curve"])) == (3, 1)
+    assert (tmp_path / "out" / "heatmap-torchvision-resnet18-imagefolder.png").exists()
 
 
 def test_bench_quick_writes_ratios(tmp_path):

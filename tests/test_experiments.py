@@ -3,19 +3,30 @@ the figures."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import geoopt
 import numpy as np
 import pytest
 import torch
-from matplotlib import image
+from conftest import write_cifar, write_image_folder
 
 import psi_geoopt
 from psi_geoopt import PSIManifold
-from psi_geoopt.experiments.data import DATASETS, load_dataset
+from psi_geoopt.experiments import data
+from psi_geoopt.experiments.data import IN_MEMORY_DATASETS, load_dataset
+from psi_geoopt.experiments.formats import ImageSplits
+from psi_geoopt.experiments.images import ImageDataset
 from psi_geoopt.experiments.models import MODELS, build_model, rescale
 from psi_geoopt.experiments.optimizers import OPTIMIZERS, build_optimizer, to_unit_sphere
-from psi_geoopt.experiments.plots import HEATMAP_CELL_INCHES, Curve, Heatmap, plot_heatmaps
-from psi_geoopt.experiments.training import evaluate, train, train_from_scratch
+from psi_geoopt.experiments.plots import Curve
+from psi_geoopt.experiments.recipe import Recipe
+from psi_geoopt.experiments.training import (
+    evaluate,
+    scale_invariant_weights,
+    train,
+    train_from_scratch,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +45,7 @@ def _psi_weights(model) -> dict[str, int | None]:
 # ------------------------------------------------------------------------------------- data
 
 
-@pytest.mark.parametrize("name", DATASETS)
+@pytest.mark.parametrize("name", IN_MEMORY_DATASETS)
 def test_dataset_shapes_classes_and_fixed_split(name):
     dataset = load_dataset(name)
     assert dataset.train_inputs.shape[1:] == (1, 8, 8) == dataset.test_inputs.shape[1:]
@@ -42,7 +53,7 @@ def test_dataset_shapes_classes_and_fixed_split(name):
     assert len(dataset.train_inputs) == len(dataset.train_targets)
     assert set(dataset.train_targets.tolist()) == set(range(10))
     assert set(dataset.test_targets.tolist()) <= set(range(10))
-    load_dataset.cache_clear()
+    data._in_memory.cache_clear()
     again = load_dataset(name)
     assert torch.equal(again.train_inputs, dataset.train_inputs)
     assert torch.equal(again.test_targets, dataset.test_targets)
@@ -57,8 +68,8 @@ def test_digits_split_and_standardization(digits):
 
 
 def test_unknown_dataset_lists_choices():
-    with pytest.raises(ValueError, match="digits, synthetic"):
-        load_dataset("mnist")
+    with pytest.raises(ValueError, match=r"digits, synthetic, cifar10, .*, imagefolder"):
+        load_dataset("imagenet")
 
 
 # ----------------------------------------------------------------------------------- models
@@ -89,6 +100,66 @@ def test_scale_invariant_weights_of_the_residual_models():
 def test_unknown_model_lists_choices():
     with pytest.raises(ValueError, match="mlp-bn, convnet-bn, resnet, preact-resnet"):
         build_model("vgg", 0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
+def test_builtin_models_take_any_image_shape(name, shape):
+    model = build_model(name, 0, num_classes=7, input_shape=shape)
+    assert model(torch.randn(4, *shape)).shape == (4, 7)
+
+
+def test_zoo_models_need_their_package(monkeypatch):
+    from psi_geoopt.experiments import models
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="needs the package 'timm': pip install timm"):
+        build_model("timm:resnet18", 0)
+    assert "torchvision:NAME, timm:NAME" in models.check_model_name("keras:resnet")
+
+
+_NO_TORCHVISION = importlib.util.find_spec("torchvision") is None
+_NO_TIMM = importlib.util.find_spec("timm") is None
+
+
+@pytest.mark.skipif(_NO_TORCHVISION, reason="torchvision is not installed (optional)")
+def test_torchvision_resnet_with_the_cifar_stem():
+    model = build_model("torchvision:resnet18", 3, 10, (3, 8, 8), cifar_stem=True)
+    assert (model.conv1.kernel_size, model.conv1.stride) == ((3, 3), (1, 1))
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    inputs = torch.randn(4, 3, 8, 8)
+    assert model(inputs).shape == (4, 10)
+    same = build_model("torchvision:resnet18", 3, 10, (3, 8, 8), cifar_stem=True)
+    assert torch.equal(model.conv1.weight, same.conv1.weight)
+    plain = build_model("torchvision:resnet18", 3, 10, (1, 32, 32))
+    assert plain.conv1.kernel_size == (7, 7) and plain.conv1.in_channels == 1
+
+
+@pytest.mark.skipif(_NO_TORCHVISION, reason="torchvision is not installed (optional)")
+def test_torchvision_vgg_with_the_cifar_head_and_refused_architectures():
+    model = build_model("torchvision:vgg11_bn", 0, 10, (1, 32, 32), cifar_stem=True)
+    assert model.features[0].in_channels == 1
+    assert isinstance(model.classifier, torch.nn.Linear) and model.classifier.in_features == 512
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="cannot adapt 'torchvision:mobilenet_v2'"):
+        build_model("torchvision:mobilenet_v2", 0, 10, (3, 32, 32), cifar_stem=True)
+    with pytest.raises(ValueError, match="torchvision has no classification model 'fcn_resnet50'"):
+        build_model("torchvision:fcn_resnet50", 0)
+
+
+@pytest.mark.skipif(_NO_TIMM, reason="timm is not installed (optional)")
+def test_timm_deep_stem_resnet_with_the_cifar_stem():
+    model = build_model("timm:test_resnet", 0, 10, (1, 8, 8), cifar_stem=True)
+    assert model.conv1[0].stride == (1, 1) and model.conv1[0].in_channels == 1
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    assert model(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+    # timm zero-initializes the last BN scale of each block: the probe sets it to one
+    images = np.random.default_rng(0).integers(0, 256, (8, 1, 8, 8), dtype=np.uint8)
+    labels = np.arange(8) % 2
+    tiny = ImageDataset.from_splits("tiny", ImageSplits(images, labels, images, labels, ("a", "b")))
+    psi = scale_invariant_weights("timm:test_resnet", tiny, batch_size=8, cifar_stem=True)
+    convolutions = [n for n, p in model.named_parameters() if p.ndim == 4]
+    assert sorted(psi) == sorted(convolutions) and "fc.weight" not in psi
 
 
 @pytest.mark.parametrize("epsilon, tolerance", [(1e-30, 1e-10), (1e-5, 1e-4)])
@@ -207,7 +278,8 @@ def _run(optimizer: str, init_scale, steps: int = 20, **kwargs):
 
 def test_training_is_deterministic_for_a_seed():
     first, second = _run("psi-sgd", 1.0).as_dict(), _run("psi-sgd", 1.0).as_dict()
-    first.pop("wall_s"), second.pop("wall_s")
+    for timing in ("wall_s", "images_per_s"):
+        first.pop(timing), second.pop(timing)
     assert first == second
     other = train_from_scratch(
         "mlp-bn", "psi-sgd", load_dataset("digits"), lr=0.3, seed=2, steps=20, log_every=1
@@ -292,12 +364,13 @@ def test_evaluate_with_batch_statistics_keeps_running_statistics(digits):
     model.train()
     model(digits.train_inputs[:64])
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    loss, accuracy = evaluate(model, digits.test_inputs, digits.test_targets, batch_statistics=True)
+    test_set = [(digits.test_inputs, digits.test_targets)]
+    loss, accuracy = evaluate(model, test_set, batch_statistics=True)
     assert loss > 0 and 0 <= accuracy <= 1
     assert model.training
     for name, buffer in model.named_buffers():
         assert torch.equal(buffer, buffers[name])
-    evaluate(model, digits.test_inputs, digits.test_targets, batch_statistics=False)
+    evaluate(model, test_set, batch_statistics=False)
     assert model.training
 
 
@@ -310,23 +383,55 @@ def test_train_rejects_bad_settings(digits):
         train(model, optimizer, digits, steps=1, seed=0, batch_size=10_000)
 
 
-# ---------------------------------------------------------------------------------- figures
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, per_file=40)
+    return load_dataset("cifar10", root)
 
 
-@pytest.mark.parametrize("panels, rates, scales", [(1, 1, 1), (3, 3, 3), (9, 5, 3)])
-def test_heatmap_cells_keep_a_readable_size(tmp_path, panels, rates, scales):
-    """Each cell is at least 0.8 x 0.45 inch at 120 dpi (its 9-point label is about 15 pixels
-    high), whatever the grid; NaN cells are left empty."""
-    accuracy = np.full((rates, scales), 95.0)
-    accuracy[0, 0] = np.nan
-    heatmaps = [
-        Heatmap(str(k), np.geomspace(0.01, 1, rates), np.geomspace(0.1, 10, scales), accuracy)
-        for k in range(panels)
-    ]
-    path = plot_heatmaps(heatmaps, tmp_path / "heatmap.png", title="accuracy")
-    height, width = image.imread(path).shape[:2]
-    columns = min(3, panels)
-    rows = -(-panels // columns)
-    cell_width, cell_height = (120 * inches for inches in HEATMAP_CELL_INCHES)
-    assert width >= columns * scales * cell_width
-    assert height >= rows * rates * cell_height
+def _recipe_run(dataset, optimizer: str = "psi-sgd-momentum", batch_size: int = 40, **settings):
+    recipe = Recipe(**{"schedule": "cosine", "warmup_steps": 2, "augment": "crop-flip", **settings})
+    return train_from_scratch(
+        "mlp-bn",
+        optimizer,
+        dataset,
+        lr=0.03,
+        seed=0,
+        init_scale=3.0,
+        steps=15,
+        batch_size=batch_size,
+        log_every=5,
+        recipe=recipe,
+    )
+
+
+def test_a_recipe_run_on_cifar_files_trains(cifar):
+    result = _recipe_run(cifar)
+    assert len(result.loss_curve) == 3 and result.loss_curve[-1] < result.loss_curve[0]
+    assert result.final_train_loss < result.loss_curve[0] and not result.diverged
+    assert result.test_accuracy > 0.3  # ten classes, one colour each
+    assert result.images_per_s > 0
+    bf16 = _recipe_run(cifar, precision="bf16")
+    torch.testing.assert_close(
+        torch.tensor(bf16.loss_curve), torch.tensor(result.loss_curve), atol=0.05, rtol=0
+    )
+
+
+def test_a_recipe_run_is_reproducible(tmp_path):
+    """The same seed, the same numbers. On 8x8 images the PSI weights stay below the size from
+    which the Numba step runs on several threads (that switch changes torch's thread count
+    within the first such run, and with it the rounding of the forward pass)."""
+    write_image_folder(tmp_path, train=20, test=4, size=(8, 8))
+    folder = load_dataset("imagefolder", tmp_path, image_size=8)
+    first, second = (_recipe_run(folder, batch_size=15).as_dict() for _ in range(2))
+    for timing in ("wall_s", "images_per_s"):
+        first.pop(timing), second.pop(timing)
+    assert first == second
+    assert first["loss_curve"] != _recipe_run(folder, batch_size=15, augment="none").loss_curve
+
+
+def test_psi_weights_of_a_model_on_image_data(cifar):
+    found = scale_invariant_weights("convnet-bn", cifar, batch_size=40)
+    assert sorted(found) == ["0.weight", "3.weight", "7.weight"]
+    assert all(dim == 0 for dim in found.values())

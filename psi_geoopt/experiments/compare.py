@@ -19,6 +19,14 @@ over seeds of each grid cell (learning rate, initial scale): best = the best cel
 accuracy with running statistics, on the test set (large when BN's running statistics no
 longer match the weights).
 
+Datasets read from disk (cifar10, cifar100, mnist, fashion-mnist, imagefolder; --data-dir,
+never downloaded) train the way CIFAR practitioners train: --epochs, a --schedule with
+--warmup-epochs, --augment crop-flip (random 4-pixel-padded crop and horizontal flip, the
+default on CIFAR and image folders), --precision bf16/fp16, --device cuda, --workers for data
+loading, a progress bar per epoch. Models can come from torchvision or timm
+(torchvision:NAME, timm:NAME; --cifar-stem adapts them to 32x32 inputs). Weight decay never
+applies to the PSI weights (psi_geoopt.param_groups).
+
 With --resume, runs already in DIR/results.json are skipped; Ctrl-C stops after writing the
 finished runs and the summary of what is there.
 """
@@ -37,7 +45,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +56,25 @@ from ..commandline import (
     add_common_arguments,
     check_output_directory,
     machine_description,
+    non_negative_float,
+    non_negative_int,
     positive_float,
     positive_int,
     write_json_atomically,
 )
-from .data import DATASETS, check_batch_size, load_dataset
-from .models import MODELS
+from .data import (
+    DATASETS,
+    DEFAULT_IMAGE_SIZE,
+    IN_MEMORY_DATASETS,
+    DatasetError,
+    check_batch_size,
+    load_dataset,
+)
+from .images import AUGMENTATIONS
+from .models import MODELS, build_model, check_model_name
 from .optimizers import OPTIMIZERS, missing_packages
 from .plots import Curve, Heatmap, plot_heatmaps, plot_loss_curves
+from .recipe import PRECISIONS, SCHEDULES, Recipe, check_device
 from .training import train_from_scratch
 
 ROBUSTNESS_TOLERANCE = 1.0  # accuracy points
@@ -91,8 +110,22 @@ _GRID_OPTIONS = (
     "init_scales",
     "seeds",
     "steps",
+    "epochs",
     "title",
 )
+# image datasets are augmented by default where practitioners do (not the digit datasets)
+DEFAULT_AUGMENTATION = {"cifar10": "crop-flip", "cifar100": "crop-flip", "imagefolder": "crop-flip"}
+LOG_EVERY = 10  # steps per point of the loss curve of step-based runs (epoch runs: an epoch)
+_RECIPE_DEFAULTS = {
+    "data_dir": None,
+    "image_size": DEFAULT_IMAGE_SIZE,
+    "schedule": "constant",
+    "warmup_epochs": 0.0,
+    "augment": None,
+    "precision": "fp32",
+    "device": "cpu",
+    "workers": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -109,16 +142,80 @@ class RunSpec:
     steps: int
     batch_size: int
     target_loss: float
+    epochs: int | None = None  # None: a step-based run of `steps`; else steps = epochs × epoch
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    augment: str = "none"
+    precision: str = "fp32"
+    cifar_stem: bool = False
+    image_size: int | None = None  # imagefolder only
 
     def key(self) -> tuple:
         return tuple(asdict(self).values())
 
     @classmethod
     def from_record(cls, record: dict) -> RunSpec:
-        return cls(**{name: record[name] for name in cls.__dataclass_fields__})
+        """The spec of a results.json record (fields added since it was written: defaults)."""
+        return cls(
+            **{
+                name: record[name] if name in record or field.default is MISSING else field.default
+                for name, field in cls.__dataclass_fields__.items()
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how runs execute, without changing what they compute (not part of a spec)."""
+
+    data_dir: Path | None = None
+    device: str = "cpu"
+    workers: int = 0
+    progress: bool = False
+
+
+def _model_name(text: str) -> str:
+    """A model :func:`~psi_geoopt.experiments.models.build_model` can build (argparse type)."""
+    error = check_model_name(text)
+    if error is not None:
+        raise argparse.ArgumentTypeError(error)
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_grid_arguments(parser)
+    parser.add_argument(
+        "--target-loss",
+        type=positive_float,
+        default=0.1,
+        help="training loss whose first crossing is reported as steps to target "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("psi-geoopt-out/compare"),
+        metavar="DIR",
+        help="output directory (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in DIR/results.json and run only the missing ones",
+    )
+    parser.add_argument(
+        "--update-markdown",
+        type=Path,
+        metavar="FILE",
+        help="also write the summary as the section '## TITLE' of FILE (replacing it if "
+        "present) and copy the heatmaps next to FILE",
+    )
+    parser.add_argument("--title", help="title of the summary (default: from the preset)")
+    _add_data_and_recipe_arguments(parser)
+    add_common_arguments(parser)
+
+
+def _add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PRESETS["default"]
     parser.add_argument(
         "--preset",
@@ -138,9 +235,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models",
         nargs="+",
-        choices=MODELS,
+        type=_model_name,
         metavar="NAME",
-        help=f"models, from: {', '.join(MODELS)} (default: {' '.join(defaults['models'])})",
+        help=f"models, from: {', '.join(MODELS)}, torchvision:NAME, timm:NAME (when the "
+        f"package is installed) (default: {' '.join(defaults['models'])})",
     )
     parser.add_argument(
         "--datasets",
@@ -179,42 +277,88 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"number of seeds, 0 … N-1 (default: {defaults['seeds']})",
     )
-    parser.add_argument(
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument(
         "--steps", type=positive_int, help=f"training steps per run (default: {defaults['steps']})"
     )
-    parser.add_argument(
-        "--target-loss",
-        type=positive_float,
-        default=0.1,
-        help="training loss whose first crossing is reported as steps to target "
+    length.add_argument(
+        "--epochs",
+        type=positive_int,
+        metavar="N",
+        help="train each run for N passes over the training set instead (the loss curve then "
+        "has one point per epoch)",
+    )
+
+
+def _add_data_and_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data on disk and training recipe")
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="directory holding the datasets read from disk (never downloaded): "
+        "cifar-10-batches-py/, cifar-100-python/, MNIST/raw/ or the IDX files, "
+        "FashionMNIST/raw/, or for imagefolder train/CLASS/* and test/CLASS/* (or val/)",
+    )
+    group.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=DEFAULT_IMAGE_SIZE,
+        metavar="N",
+        help="imagefolder: side of the square the images are resized and cropped to "
         "(default: %(default)s)",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("psi-geoopt-out/compare"),
-        metavar="DIR",
-        help="output directory (default: %(default)s)",
+    group.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="constant",
+        metavar="NAME",
+        help="learning-rate schedule over the run: constant, cosine (to 0), step (x0.1 at 50 "
+        "and 75 %% of the steps) (default: %(default)s)",
     )
-    parser.add_argument(
-        "--resume",
+    group.add_argument(
+        "--warmup-epochs",
+        type=non_negative_float,
+        default=0.0,
+        metavar="E",
+        help="linear learning-rate warm-up over the first E epochs (default: %(default)s)",
+    )
+    group.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        metavar="NAME",
+        help="training-batch augmentation of image datasets: crop-flip (random crop of the "
+        "image padded by side/8 pixels, horizontal flip) (default: crop-flip on cifar10, "
+        "cifar100 and imagefolder, none otherwise)",
+    )
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        metavar="NAME",
+        help="fp32; bf16 (autocast, CPU or CUDA); fp16 (autocast with loss scaling, CUDA "
+        "only) (default: %(default)s)",
+    )
+    group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    group.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="data-loading processes for image datasets; results do not depend on it "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--cifar-stem",
         action="store_true",
-        help="keep the runs already in DIR/results.json and run only the missing ones",
+        help="adapt torchvision/timm models to 32x32 inputs: ResNets get a 3x3 stride-1 first "
+        "convolution and no max-pool, VGGs a global average pool and one Linear classifier",
     )
-    parser.add_argument(
-        "--update-markdown",
-        type=Path,
-        metavar="FILE",
-        help="also write the summary as the section '## TITLE' of FILE (replacing it if "
-        "present) and copy the heatmaps next to FILE",
-    )
-    parser.add_argument("--title", help="title of the summary (default: from the preset)")
-    add_common_arguments(parser)
 
 
 def _resolve(args: argparse.Namespace) -> dict:
     """The grid: the preset's values, overridden by the options given."""
-    grid = dict(PRESETS[args.preset])
+    grid = {"epochs": None, **PRESETS[args.preset]}
     for option in _GRID_OPTIONS:
         if getattr(args, option, None) is not None:
             grid[option] = getattr(args, option)
@@ -222,11 +366,29 @@ def _resolve(args: argparse.Namespace) -> dict:
         grid["lr_factors"] = None
     else:
         grid["lrs"] = None
+    if grid["epochs"] is not None:
+        grid["steps"] = None
     return grid
 
 
-def plan(grid: dict, batch_size: int, target_loss: float) -> list[RunSpec]:
-    """Every run of the grid, seeds innermost so that partial results cover whole cells."""
+def _recipe_settings(args: argparse.Namespace, model: str, dataset: str) -> dict:
+    """The training-recipe fields of the specs of ``model`` on ``dataset``."""
+    return {
+        "schedule": args.schedule,
+        "warmup_epochs": args.warmup_epochs,
+        "augment": args.augment or DEFAULT_AUGMENTATION.get(dataset, "none"),
+        "precision": args.precision,
+        "cifar_stem": args.cifar_stem and model not in MODELS,
+        "image_size": args.image_size if dataset == "imagefolder" else None,
+    }
+
+
+def plan(grid: dict, args: argparse.Namespace, steps_per_epoch: dict[str, int]) -> list[RunSpec]:
+    """Every run of the grid, seeds innermost so that partial results cover whole cells.
+
+    ``steps_per_epoch`` gives the optimizer steps of one epoch of each dataset at
+    ``args.batch_size`` (used when the grid counts epochs).
+    """
     runs = []
     for model, dataset, optimizer in itertools.product(
         grid["models"], grid["datasets"], grid["optimizers"]
@@ -237,6 +399,9 @@ def plan(grid: dict, batch_size: int, target_loss: float) -> list[RunSpec]:
             if grid["lrs"] is not None
             else [(float(f"{reference * f:.6g}"), f) for f in grid["lr_factors"]]
         )
+        epochs = grid["epochs"]
+        steps = grid["steps"] if epochs is None else epochs * steps_per_epoch[dataset]
+        settings = _recipe_settings(args, model, dataset)
         for (lr, factor), scale, seed in itertools.product(
             rates, grid["init_scales"], range(grid["seeds"])
         ):
@@ -249,28 +414,54 @@ def plan(grid: dict, batch_size: int, target_loss: float) -> list[RunSpec]:
                     factor,
                     scale,
                     seed,
-                    grid["steps"],
-                    batch_size,
-                    target_loss,
+                    steps,
+                    args.batch_size,
+                    args.target_loss,
+                    epochs,
+                    **settings,
                 )
             )
     return runs
 
 
-def execute(spec: RunSpec) -> dict:
+def _location(runtime: Runtime, spec: RunSpec) -> dict:
+    return {"data_dir": runtime.data_dir, "image_size": spec.image_size or DEFAULT_IMAGE_SIZE}
+
+
+def execute(spec: RunSpec, runtime: Runtime) -> dict:
     """Train one run and return its record for results.json."""
+    dataset = load_dataset(spec.dataset, **_location(runtime, spec))
+    steps_per_epoch = dataset.num_train // spec.batch_size
+    recipe = Recipe(
+        schedule=spec.schedule,
+        warmup_steps=round(spec.warmup_epochs * steps_per_epoch),
+        precision=spec.precision,
+        augment=spec.augment,
+        device=runtime.device,
+        workers=runtime.workers,
+        progress=runtime.progress,
+    )
     result = train_from_scratch(
         spec.model,
         spec.optimizer,
-        load_dataset(spec.dataset),
+        dataset,
         lr=spec.lr,
         seed=spec.seed,
         init_scale=spec.init_scale,
         steps=spec.steps,
         batch_size=spec.batch_size,
+        log_every=LOG_EVERY if spec.epochs is None else steps_per_epoch,
         target_loss=spec.target_loss,
+        recipe=recipe,
+        cifar_stem=spec.cifar_stem,
     )
-    return {**asdict(spec), **result.as_dict()}
+    return {**asdict(spec), **result.as_dict(), "device": _device_name(runtime.device)}
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
 
 
 def _load_runs(path: Path) -> list[dict]:
@@ -303,11 +494,57 @@ def _check_markdown_target(path: Path) -> str | None:
     return None
 
 
+def _check_recipe(args: argparse.Namespace, grid: dict) -> str | None:
+    """An error if the device, precision, augmentation or stem cannot apply to the grid."""
+    error = check_device(args.device)
+    if error is None and args.precision == "fp16" and torch.device(args.device).type != "cuda":
+        error = "--precision fp16 needs --device cuda (bf16 runs on the CPU)"
+    in_memory = [name for name in grid["datasets"] if name in IN_MEMORY_DATASETS]
+    if error is None and args.augment not in (None, "none") and in_memory:
+        error = f"--augment {args.augment} applies to image datasets, not {', '.join(in_memory)}"
+    if error is None and args.cifar_stem and all(model in MODELS for model in grid["models"]):
+        error = "--cifar-stem applies to torchvision:NAME and timm:NAME models only"
+    if error is None and grid["epochs"] is not None and args.warmup_epochs >= grid["epochs"]:
+        warmup, epochs = args.warmup_epochs, grid["epochs"]
+        error = f"--warmup-epochs {warmup:g} leaves nothing of --epochs {epochs}"
+    return error
+
+
+def _check_data_and_models(args: argparse.Namespace, grid: dict) -> str | None:
+    """Load every dataset and run every model once on two of its images: an error message
+    (data missing or malformed, a batch larger than a training set, a model that does not fit
+    the data) before any training starts."""
+    location = {"data_dir": args.data_dir, "image_size": args.image_size}
+    try:
+        error = check_batch_size(args.batch_size, grid["datasets"], **location)
+    except DatasetError as problem:
+        return str(problem)
+    for model, dataset_name in itertools.product(grid["models"], grid["datasets"]):
+        if error is not None:
+            break
+        dataset = load_dataset(dataset_name, **location)
+        try:
+            network = build_model(
+                model,
+                0,
+                dataset.num_classes,
+                dataset.input_shape,
+                cifar_stem=_recipe_settings(args, model, dataset_name)["cifar_stem"],
+            )
+            network(dataset.example_inputs(2))
+        except (ValueError, RuntimeError) as problem:
+            reason = str(problem).strip().splitlines()[0]
+            error = f"model {model!r} does not run on {dataset_name!r}: {reason}"
+    return error
+
+
 def run(args: argparse.Namespace) -> int:
     grid = _resolve(args)
     results_path = args.out / "results.json"
-    error = _check_optional_packages(args, grid) or check_batch_size(
-        args.batch_size, grid["datasets"]
+    error = (
+        _check_optional_packages(args, grid)
+        or _check_recipe(args, grid)
+        or _check_data_and_models(args, grid)
     )
     if error is None:
         error = check_output_directory(args.out)
@@ -330,14 +567,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"psi-geoopt compare: error: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    planned = plan(grid, args.batch_size, args.target_loss)
+    location = {"data_dir": args.data_dir, "image_size": args.image_size}
+    steps_per_epoch = {
+        name: load_dataset(name, **location).num_train // args.batch_size
+        for name in grid["datasets"]
+    }
+    planned = plan(grid, args, steps_per_epoch)
+    runtime = Runtime(args.data_dir, args.device, args.workers, progress=grid["epochs"] is not None)
     todo = [spec for spec in planned if spec.key() not in done]
     print(f"{len(planned)} runs planned, {len(planned) - len(todo)} already in {results_path}")
     start = time.perf_counter()
     interrupted = False
     try:
         for spec in tqdm(todo, unit="run"):
-            runs.append(execute(spec))
+            runs.append(execute(spec, runtime))
             write_json_atomically(results_path, {"runs": runs})
     except KeyboardInterrupt:
         interrupted = True
@@ -467,6 +710,13 @@ def _command(args: argparse.Namespace, grid: dict) -> str:
         words += ["--batch-size", str(args.batch_size)]
     if args.threads != 1:
         words += ["--threads", str(args.threads)]
+    for option, default in _RECIPE_DEFAULTS.items():
+        value = getattr(args, option)
+        if value != default:
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+            words += [f"--{option.replace('_', '-')}", text]
+    if args.cifar_stem:
+        words.append("--cifar-stem")
     words += ["--out", str(args.out)]
     if args.update_markdown is not None:
         words += ["--update-markdown", str(args.update_markdown)]
@@ -528,6 +778,35 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def _length(grid: dict) -> str:
+    return f"{grid['steps']} steps" if grid["epochs"] is None else f"{grid['epochs']} epochs"
+
+
+def _window(grid: dict) -> str:
+    return f"mean over {LOG_EVERY} steps" if grid["epochs"] is None else "mean over an epoch"
+
+
+def _recipe_description(args: argparse.Namespace, grid: dict, runs: list[dict]) -> list[str]:
+    """A paragraph on the training recipe, when it is not the default one."""
+    parts = []
+    if args.schedule != "constant" or args.warmup_epochs:
+        warmup = f" after {args.warmup_epochs:g} warm-up epoch(s)" if args.warmup_epochs else ""
+        parts.append(f"learning-rate schedule {args.schedule}{warmup}")
+    augmented = sorted({r["dataset"] for r in runs if r.get("augment", "none") != "none"})
+    if augmented:
+        parts.append(f"crop-flip augmentation on {', '.join(augmented)}")
+    if args.precision != "fp32":
+        parts.append(f"precision {args.precision} (autocast)")
+    devices = sorted({r.get("device", "cpu") for r in runs})
+    if devices != ["cpu"]:
+        parts.append(f"device {', '.join(devices)}")
+    if args.workers:
+        parts.append(f"{args.workers} data-loading workers")
+    if args.cifar_stem:
+        parts.append("torchvision/timm models adapted to 32x32 inputs (--cifar-stem)")
+    return ["", f"Training: {'; '.join(parts)}."] if parts else []
+
+
 def write_report(runs: list[dict], args: argparse.Namespace, grid: dict) -> str:
     """Write summary.md and the figures of ``runs`` into ``args.out`` (and the markdown file
     of ``--update-markdown``); return the summary."""
@@ -550,16 +829,17 @@ def write_report(runs: list[dict], args: argparse.Namespace, grid: dict) -> str:
         "",
         f"Grid: learning rates = {learning_rates}; initial scales "
         f"{', '.join(f'{s:g}' for s in grid['init_scales'])} (all PSI weights multiplied); "
-        f"seeds 0–{grid['seeds'] - 1}; {grid['steps']} steps of batch {args.batch_size}; "
-        f"target training loss {args.target_loss:g} (mean over 10 steps). Accuracies are on "
+        f"seeds 0–{grid['seeds'] - 1}; {_length(grid)} of batch {args.batch_size}; target "
+        f"training loss {args.target_loss:g} ({_window(grid)}). Accuracies are on "
         f"the test set, in %, mean ± std over seeds. *Best cell*: the (learning rate, "
         f"initial scale) with the best mean accuracy. *Robustness*: share of the grid within "
         f"{ROBUSTNESS_TOLERANCE:g} point of that best. *Eval gap*: accuracy with BN batch "
         f"statistics minus accuracy with BN running statistics (eval mode).",
+        *_recipe_description(args, grid, runs),
     ]
     markdown_dir = args.update_markdown.parent if args.update_markdown is not None else None
     for (model, dataset), optimizers in summaries.items():
-        figure_name = f"{model}-{dataset}.png"
+        figure_name = f"{_slug(model)}-{dataset}.png"
         heatmap_path = plot_heatmaps(
             [s.heatmap() for s in optimizers],
             args.out / f"heatmap-{figure_name}",
@@ -570,7 +850,7 @@ def write_report(runs: list[dict], args: argparse.Namespace, grid: dict) -> str:
                 Curve(
                     s.optimizer,
                     s.mean_curve(),
-                    runs[0]["log_every"],
+                    s.cells[s.best][0]["log_every"],
                     linestyle="-" if s.optimizer.startswith(("psi", "sphere")) else "--",
                     steps=grid["steps"],
                 )

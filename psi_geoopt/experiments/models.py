@@ -1,4 +1,7 @@
-r"""Small batch-normalized networks for ``(1, 8, 8)`` images and 10 classes, sized for a CPU.
+r"""The networks of the experiments: small built-in BN networks and the torchvision/timm zoos.
+
+Built in, sized for a CPU (parameter counts for ``(1, 8, 8)`` images and 10 classes; they take
+any image shape: the MLP flattens it, the others pool globally):
 
 - ``mlp-bn``: 64 inputs → [Linear → BN → ReLU] × 2, 128 wide → Linear (26 k parameters);
 - ``convnet-bn``: [Conv3x3 → BN → ReLU] with 16 and 32 channels, max-pool, one more with 32,
@@ -11,16 +14,38 @@ Every Linear/Conv that feeds a BatchNorm has no bias (BN removes it). Which weig
 positively scale invariant is decided by :func:`psi_geoopt.find_scale_invariant`, not here:
 in ``resnet`` every convolution is, in ``preact-resnet`` the convolutions whose output is
 added to a shortcut are not.
+
+From a model zoo, when its package is installed, randomly initialized (never downloaded):
+
+- ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, num_classes=K)``
+  (a classification model of ``torchvision.models.list_models``); when the data has not 3
+  channels, the first ``Conv2d`` is replaced by one with the data's channels;
+- ``timm:NAME``: ``timm.create_model(NAME, pretrained=False, num_classes=K, in_chans=C)``.
+
+``cifar_stem=True`` adapts an ImageNet network to 32x32 inputs the way CIFAR practitioners
+do. A ResNet-style network (``conv1`` and ``maxpool``) gets a 3x3 stride-1 ``conv1`` with the
+same output channels, or with a deep stem (``conv1`` a ``Sequential`` of convolutions, as in
+timm's ResNet-C/D) a stride-1 first convolution, and no max-pool, so that its first stage sees
+32x32 rather than 8x8 feature maps. A VGG-style network (``features``, ``avgpool``,
+``classifier``) gets a global average pool and one Linear classifier on the last feature
+channels, as in the CIFAR VGGs (instead of a 7x7 pool and three Linear layers of 4096 units).
+Other architectures are refused. New convolutions are initialized as torchvision initializes
+those of its ResNets and VGGs (Kaiming normal, fan-out), the new classifier as its VGG's
+(:math:`\mathcal{N}(0, 0.01^2)`, zero bias).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "build_model", "rescale"]
+__all__ = ["MODELS", "ZOOS", "build_model", "check_model_name", "rescale"]
+
+ZOOS = ("torchvision", "timm")
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -31,11 +56,13 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     ]
 
 
-def mlp_bn(num_classes: int = 10, width: int = 128) -> nn.Sequential:
+def mlp_bn(
+    num_classes: int = 10, input_shape: Sequence[int] = (1, 8, 8), width: int = 128
+) -> nn.Sequential:
     """Two hidden Linear → BN → ReLU layers on the flattened image, then a Linear classifier."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(64, width, bias=False),
+        nn.Linear(math.prod(input_shape), width, bias=False),
         nn.BatchNorm1d(width),
         nn.ReLU(),
         nn.Linear(width, width, bias=False),
@@ -45,10 +72,10 @@ def mlp_bn(num_classes: int = 10, width: int = 128) -> nn.Sequential:
     )
 
 
-def convnet_bn(num_classes: int = 10) -> nn.Sequential:
+def convnet_bn(num_classes: int = 10, input_shape: Sequence[int] = (1, 8, 8)) -> nn.Sequential:
     """Three Conv3x3 → BN → ReLU layers (16, 32, 32 channels), global pooling, Linear."""
     return nn.Sequential(
-        *_conv_bn_relu(1, 16),
+        *_conv_bn_relu(input_shape[0], 16),
         *_conv_bn_relu(16, 32),
         nn.MaxPool2d(2),
         *_conv_bn_relu(32, 32),
@@ -105,10 +132,10 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-def resnet(num_classes: int = 10) -> nn.Sequential:
+def resnet(num_classes: int = 10, input_shape: Sequence[int] = (1, 8, 8)) -> nn.Sequential:
     """Stem Conv → BN → ReLU (16), a basic block at 16 and one at 32 channels (stride 2)."""
     return nn.Sequential(
-        *_conv_bn_relu(1, 16),
+        *_conv_bn_relu(input_shape[0], 16),
         BasicBlock(16, 16),
         BasicBlock(16, 32, stride=2),
         nn.AdaptiveAvgPool2d(1),
@@ -117,10 +144,10 @@ def resnet(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-def preact_resnet(num_classes: int = 10) -> nn.Sequential:
+def preact_resnet(num_classes: int = 10, input_shape: Sequence[int] = (1, 8, 8)) -> nn.Sequential:
     """Stem Conv (16), a pre-activation block at 16 and one at 32 channels, final BN → ReLU."""
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1, bias=False),
+        nn.Conv2d(input_shape[0], 16, 3, padding=1, bias=False),
         PreActBlock(16, 16),
         PreActBlock(16, 32, stride=2),
         nn.BatchNorm2d(32),
@@ -139,13 +166,122 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, seed: int, num_classes: int = 10) -> nn.Module:
-    """The model called ``name`` (a key of :data:`MODELS`), initialized from ``seed``."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODELS)}")
+def check_model_name(name: str) -> str | None:
+    """Why ``name`` is no model :func:`build_model` can build here, else None."""
+    if name in MODELS:
+        return None
+    zoo, _, architecture = name.partition(":")
+    if zoo not in ZOOS or not architecture:
+        choices = ", ".join([*MODELS, *(f"{zoo}:NAME" for zoo in ZOOS)])
+        return f"unknown model {name!r}; valid choices: {choices}"
+    if importlib.util.find_spec(zoo) is None:
+        return f"model {name!r} needs the package {zoo!r}: pip install {zoo}"
+    if not _is_architecture(zoo, architecture):
+        return f"{zoo} has no classification model {architecture!r}"
+    return None
+
+
+def _is_architecture(zoo: str, architecture: str) -> bool:
+    if zoo == "torchvision":
+        import torchvision
+
+        return architecture in torchvision.models.list_models(module=torchvision.models)
+    import timm
+
+    return timm.is_model(architecture)
+
+
+def _init_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """Initialized as torchvision and timm initialize the convolutions of their ResNets/VGGs."""
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+def _zoo_model(name: str, num_classes: int, channels: int) -> nn.Module:
+    zoo, _, architecture = name.partition(":")
+    if zoo == "timm":
+        import timm
+
+        return timm.create_model(
+            architecture, pretrained=False, num_classes=num_classes, in_chans=channels
+        )
+    import torchvision
+
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and first.in_channels != channels:
+        _replace_module(model, first, _conv_like(first, channels))
+    return model
+
+
+def _conv_like(conv: nn.Conv2d, in_channels: int, **changes) -> nn.Conv2d:
+    settings = {
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "bias": conv.bias is not None,
+        **changes,
+    }
+    return _init_conv(nn.Conv2d(in_channels, conv.out_channels, **settings))
+
+
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    name = next(name for name, module in model.named_modules() if module is old)
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attribute, new)
+
+
+def _cifar_stem(model: nn.Module, name: str, num_classes: int) -> None:
+    """Adapt ``model`` to 32x32 inputs in place (see the module docstring)."""
+    conv1, maxpool = getattr(model, "conv1", None), getattr(model, "maxpool", None)
+    if isinstance(conv1, nn.Conv2d) and isinstance(maxpool, nn.Module):
+        model.conv1 = _conv_like(conv1, conv1.in_channels, kernel_size=3, stride=1, padding=1)
+        model.maxpool = nn.Identity()
+        return
+    if isinstance(conv1, nn.Sequential) and isinstance(conv1[0], nn.Conv2d) and maxpool is not None:
+        conv1[0] = _conv_like(conv1[0], conv1[0].in_channels, stride=1)  # a deep stem
+        model.maxpool = nn.Identity()
+        return
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential) and all(
+        hasattr(model, attribute) for attribute in ("avgpool", "classifier")
+    ):
+        convs = [m for m in features.modules() if isinstance(m, nn.Conv2d)]
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+        model.classifier = nn.Linear(convs[-1].out_channels, num_classes)
+        nn.init.normal_(model.classifier.weight, 0, 0.01)  # as torchvision's VGG
+        nn.init.zeros_(model.classifier.bias)
+        return
+    raise ValueError(
+        f"cifar_stem: cannot adapt {name!r}: expected a ResNet-style model (conv1 and maxpool) "
+        "or a VGG-style model (features, avgpool, classifier)"
+    )
+
+
+def build_model(
+    name: str,
+    seed: int,
+    num_classes: int = 10,
+    input_shape: Sequence[int] = (1, 8, 8),
+    *,
+    cifar_stem: bool = False,
+) -> nn.Module:
+    """The model called ``name``, for images of ``input_shape`` ``(C, H, W)``, initialized
+    from ``seed``: a key of :data:`MODELS` or ``torchvision:NAME`` / ``timm:NAME`` (see the
+    module docstring, also for ``cifar_stem``, which only applies to those)."""
+    error = check_model_name(name)
+    if error is not None:
+        raise ValueError(error)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[name](num_classes)
+        if name in MODELS:
+            return MODELS[name](num_classes, tuple(input_shape))
+        model = _zoo_model(name, num_classes, input_shape[0])
+        if cifar_stem:
+            _cifar_stem(model, name, num_classes)
+        return model
 
 
 def rescale(
