@@ -419,9 +419,7 @@ def test_a_recipe_run_on_cifar_files_trains(cifar):
 
 
 def test_a_recipe_run_is_reproducible(tmp_path):
-    """The same seed, the same numbers. On 8x8 images the PSI weights stay below the size from
-    which the Numba step runs on several threads (that switch changes torch's thread count
-    within the first such run, and with it the rounding of the forward pass)."""
+    """The same seed, the same numbers (8x8 images: a short run)."""
     write_image_folder(tmp_path, train=20, test=4, size=(8, 8))
     folder = load_dataset("imagefolder", tmp_path, image_size=8)
     first, second = (_recipe_run(folder, batch_size=15).as_dict() for _ in range(2))

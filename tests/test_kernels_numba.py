@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 
+import geoopt
 import pytest
 import torch
 from conftest import TOLERANCE, make_params, relative_error, run, run_adam
+
+from psi_geoopt import PSIManifold
+from psi_geoopt.optim import RiemannianSGD
 
 
 @pytest.mark.parametrize("cpu_step", ["numba"], indirect=True)
@@ -63,3 +67,26 @@ def test_numba_cache_follows_the_closed_forms():
     digest = hashlib.sha256(inspect.getsource(_closed_form).encode()).hexdigest()
     for loop in (kernels._SERIAL, kernels._PARALLEL):
         assert digest in [cell.cell_contents for cell in loop.py_func.__closure__]
+
+
+@pytest.mark.parametrize("cpu_step", ["numba"], indirect=True)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numba_loop_keeps_torch_thread_count(cpu_step, threads):
+    """A tensor large enough for the threaded loop: the loop runs on PyTorch's thread count
+    and leaves it as it was (Numba's OpenMP layer shares the runtime with PyTorch), so that
+    ``torch.set_num_threads`` and the reproducibility it gives hold across steps."""
+    from psi_geoopt.optim.kernels import numba as numba_step
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        point = geoopt.ManifoldParameter(
+            torch.randn(256, numba_step.PARALLEL_NUMEL // 256), manifold=PSIManifold(0)
+        )
+        point.grad = torch.randn_like(point)
+        optimizer = RiemannianSGD([point], lr=0.1, momentum=0.9)
+        for _ in range(2):
+            optimizer.step()
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(previous)

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import numba
 import numpy
+import torch
 
 from .. import _closed_form
 from .._closed_form import (
@@ -158,6 +159,22 @@ momentum: at 2^12 elements both take 7 µs, at 2^15 the threads take 18 µs agai
 below, waking threads costs about what they save, and more on a loaded machine."""
 
 
+def _loop_for(size: int) -> Callable[..., None]:
+    """The loop for an array of ``size`` elements: the threaded one from
+    :data:`PARALLEL_NUMEL` elements on as many threads as PyTorch uses
+    (:func:`torch.get_num_threads`, at most Numba's ``NUMBA_NUM_THREADS``), else the serial one.
+
+    Numba's OpenMP threading layer shares the OpenMP runtime with PyTorch: a parallel region
+    run with another thread count would change PyTorch's own (``torch.set_num_threads(1)``
+    would read 2 after a step on 2 cores), so the count is set to PyTorch's first.
+    """
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if size < PARALLEL_NUMEL or threads < 2:
+        return _SERIAL
+    numba.set_num_threads(threads)
+    return _PARALLEL
+
+
 def psi_sgd_rows(
     entries: list[tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray | None]],
     *,
@@ -174,8 +191,7 @@ def psi_sgd_rows(
     hyper = numpy.array(sgd_hyper_parameters(lr, momentum, dampening))
     flags = (momentum != 0, first, nesterov, False, False)
     for x, grad, buffer in entries:  # absent arrays are passed as x, never touched
-        kernel = _PARALLEL if x.size >= PARALLEL_NUMEL else _SERIAL
-        kernel(x, grad, x if buffer is None else buffer, x, x, hyper, *flags)
+        _loop_for(x.size)(x, grad, x if buffer is None else buffer, x, x, hyper, *flags)
 
 
 def psi_adam_rows(
@@ -192,6 +208,7 @@ def psi_adam_rows(
     the group's learning rate of :func:`~psi_geoopt.optim._closed_form.adam_step_size`."""
     hyper = numpy.array(adam_hyper_parameters(lr, betas, eps, step))
     for x, grad, exp_avg, second, *peak in entries:
-        kernel = _PARALLEL if x.size >= PARALLEL_NUMEL else _SERIAL
         maximum = peak[0] if peak else second
-        kernel(x, grad, exp_avg, second, maximum, hyper, True, False, False, True, bool(peak))
+        _loop_for(x.size)(
+            x, grad, exp_avg, second, maximum, hyper, True, False, False, True, bool(peak)
+        )
