@@ -4,7 +4,7 @@
 #        `bash scripts/bootstrap.sh dev` for the tests, lint, docs and notebooks as well
 #
 # Which PyTorch build: torch==2.13.0 is installed first, pinned, so that the package's open
-# range (torch>=2.1) cannot pull another build later. By default pip takes it from its
+# range (torch>=2.4) cannot pull another build later. By default pip takes it from its
 # configured index (PyPI unless configured otherwise): on Linux x86_64 that is the CUDA
 # build, which brings about twenty NVIDIA/CUDA packages (gigabytes); on macOS and Windows
 # the CPU build. To choose, set

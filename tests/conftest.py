@@ -25,6 +25,20 @@ from psi_geoopt import PSIManifold
 from psi_geoopt.optim import RiemannianAdam, RiemannianSGD, _fused
 from psi_geoopt.optim._closed_form import adam_hyper_parameters
 
+TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__)
+TESTED_TORCH = "2.13"
+"""The oldest PyTorch on which the whole suite has passed. psi_geoopt declares torch >= 2.4
+(nn.RMSNorm), and its core runs on 2.4 and 2.6; the tests of what needs more (FSDP2,
+torch.compile of the PSI step and of converted models) skip below this version."""
+
+
+def needs_tested_torch(what: str):
+    """Skip a test of ``what`` on a PyTorch older than :data:`TESTED_TORCH`."""
+    return pytest.mark.skipif(
+        TORCH_VERSION < TESTED_TORCH,
+        reason=f"{what}: tested on torch >= {TESTED_TORCH}, this is {torch.__version__}",
+    )
+
 
 def group_matrix(t: torch.Tensor, dim: int | None) -> torch.Tensor:
     """``t`` as a matrix with one row per group (``dim=None``: a single row)."""
