@@ -12,7 +12,8 @@ from convert_models import MODELS, ResNet18, mixed, preact_resnet, resnet18
 from torch import nn
 
 import psi_geoopt
-from psi_geoopt import PSIManifold, convert, find_scale_invariant, param_groups, to_psi
+from psi_geoopt import PSIManifold, find_scale_invariant, param_groups, to_psi
+from psi_geoopt.convert.probe import _Probe
 from psi_geoopt.optim import RiemannianSGD
 
 
@@ -70,14 +71,14 @@ def test_finds_exactly_the_hand_labelled_weights(name):
 
 
 def test_weights_are_tested_one_by_one_where_the_joint_rescaling_fails(monkeypatch):
-    rescaled_change = convert._Probe._rescaled_change
+    rescaled_change = _Probe._rescaled_change
     calls = []
 
     def joint_fails(self, groupings):
         calls.append(len(groupings))
         return float("inf") if len(groupings) > 1 else rescaled_change(self, groupings)
 
-    monkeypatch.setattr(convert._Probe, "_rescaled_change", joint_fails)
+    monkeypatch.setattr(_Probe, "_rescaled_change", joint_fails)
     model, inputs, truth = _build("mixed")
     assert find_scale_invariant(model, inputs) == truth
     assert calls[0] > 1 and set(calls[1:]) == {1}
@@ -200,7 +201,7 @@ def test_normalization_eps_does_not_hide_invariance():
             return self.bn(self.conv(x)), y
 
     model, inputs = Tiny(), torch.randn(6, 3, 6, 6)
-    probe = convert._Probe(model, inputs)
+    probe = _Probe(model, inputs)
     probe.module.bn.eps = 1e-5  # what the probe would see without its eps
     assert probe._rescaled_change({"conv.weight": 0}) > 1e-2  # eps alone would say "no"
     assert find_scale_invariant(model, inputs) == {"conv.weight": 0, "functional.weight": 0}

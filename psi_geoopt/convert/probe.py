@@ -1,90 +1,55 @@
-r"""Find the positively scale-invariant (PSI) weights of a model and put them on the PSI manifold.
-
-A parameter :math:`W`, split into groups along an axis ``dim`` as in
-:class:`~psi_geoopt.PSIManifold`, is *positively scale invariant* when the training-mode output
-of the model does not change if every group :math:`w_k` is multiplied by its own
-:math:`c_k > 0`: :math:`f(\ldots, c \odot W, \ldots) = f(\ldots, W, \ldots)`. The loss then is
-PSI too, whatever it is computed from the output.
-
-Decision rule
--------------
-Only the weights of linear maps are candidates: the ``weight`` of ``Linear``, ``Conv1d/2d/3d``
-and ``ConvTranspose1d/2d/3d`` modules and the ``weight`` argument of ``F.linear``,
-``F.conv*d`` and ``F.conv_transpose*d``. For each candidate two groupings are tried, the
-finest first: one group per output channel (``dim=0`` for ``Linear``/``Conv`` weights
-``(out, in, ...)``, ``dim=1`` for ``ConvTranspose`` weights ``(in, out/groups, ...)`` when
-``groups == 1``), then the whole tensor (``dim=None``). A grouping is accepted when
-
-1. **structurally** (the model is traced with :mod:`torch.fx` on a float64 copy in training
-   mode): every value computed from the weight can be written :math:`F \odot x + O`, where the
-   positive factor :math:`F` depends on the :math:`c_k` and the offset :math:`O` does not, and
-   every such value reaches the output only through a normalization that removes both, i.e.
-   :math:`F` and :math:`O` are constant over each normalized slice. :math:`F` and :math:`O`
-   are followed as tensors with the shapes of the recorded activations, for one random draw of
-   the :math:`c_k`:
-
-   - the linear map itself gives :math:`F = c` on its output channel axis and :math:`O` = its
-     bias (a later linear map keeps :math:`F` if :math:`F` is constant along the axes it
-     contracts, and maps :math:`O` with its own weight and bias);
-   - ReLU, LeakyReLU, PReLU and dropout keep :math:`F` (positive homogeneity) and need
-     :math:`O = 0`; max/avg/adaptive pooling needs :math:`F` and :math:`O` constant inside its
-     windows (and no :math:`O` through a zero-padded average), ``mean`` needs :math:`F`
-     constant along the averaged axes; flatten/view/reshape/permute/transpose/squeeze/indexing,
-     ``chunk``/``split`` and ``cat``/``stack`` (other inputs pass by with :math:`F = 1`) move
-     :math:`F` and :math:`O` with the data, so channels keep their order; shape queries
-     (``size``, ``shape``) are not scaled;
-   - adding a tensor not computed from the weight adds it to :math:`O`; adding two values
-     computed from the weight needs the same :math:`F`; multiplying by a tensor not computed
-     from the weight keeps :math:`F` and multiplies :math:`O`;
-   - BatchNorm1d/2d/3d and SyncBatchNorm with batch statistics normalize over all axes but
-     the channel, InstanceNorm over the spatial axes, LayerNorm over its ``normalized_shape``,
-     GroupNorm over each group of channels (so per-channel factors survive it unless a group
-     holds one channel), RMSNorm like LayerNorm but only when :math:`O = 0`; the functional
-     forms (``F.batch_norm`` with ``training=True``, ``F.layer_norm``, ...) likewise;
-   - anything else reached by :math:`F` (sigmoid, an unknown module, a shortcut added to it,
-     the model's output) means "not invariant". A weight that reaches no output at all is not
-     invariant either (it has no effect).
-
-2. **numerically**, on the same float64 copy with the ``eps`` of every normalization set to
-   ``1e-30`` (in modules and, when traced, in functional calls), the random seed fixed for
-   every forward pass (dropout draws the same masks) and in training mode: multiplying the
-   groups by factors :math:`10^{U(-2, 2)}` changes no output by more than :math:`10^{-7}`
-   times its largest entry, and rotating every group by 0.3 rad away from itself changes some
-   output by more than :math:`10^{-4}` times its largest entry (the parameter has an effect;
-   a zero group fails here too, since it is no point of the manifold). To save forward passes,
-   :func:`find_scale_invariant` first rescales all the structurally accepted weights at once
-   (each group by its own factor) and tests them one by one only if that changes the output;
-   the effect test is always one weight at a time.
-
-When :mod:`torch.fx` cannot trace the model (data-dependent control flow), only the numeric
-test decides, for the ``weight`` of the linear-map modules listed above, and a warning says so
-(the ``eps`` of functional normalizations then stays, which can only turn a "yes" into a "no").
-When the model does not run in float64 (e.g. float32 tensors created inside ``forward``), the
-copy keeps the model's own precision and the thresholds become :math:`10^{-4}` and
-:math:`10^{-2}`.
-Probing never touches the model: it works on a deep copy, inside
-:func:`torch.random.fork_rng`, so parameters, buffers (running statistics,
-``num_batches_tracked``), training flags and the global random state are left as they were.
-"""
+"""The probe: a float64 training-mode copy of a model, traced where possible, on which the
+groupings of candidate weights are tested structurally and numerically."""
 
 from __future__ import annotations
 
 import copy
-import difflib
 import operator
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import geoopt
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .manifold import PSIManifold
-
-__all__ = ["find_scale_invariant", "param_groups", "to_psi"]
+from ..manifold import PSIManifold
+from .rules import (
+    _ADD_METHODS,
+    _ADDITIONS,
+    _BATCH_NORM,
+    _CONCATENATIONS,
+    _DATA_MOVEMENT_FUNCTIONS,
+    _DATA_MOVEMENT_METHODS,
+    _DATA_MOVEMENT_MODULES,
+    _HOMOGENEOUS_FUNCTIONS,
+    _HOMOGENEOUS_METHODS,
+    _HOMOGENEOUS_MODULES,
+    _INSTANCE_NORM,
+    _LINEAR_FUNCTIONS,
+    _MUL_METHODS,
+    _MULTIPLICATIONS,
+    _NEGATIONS,
+    _NORM_FUNCTIONS,
+    _NORMALIZATIONS,
+    _NORMALIZED,
+    _POOL_FUNCTIONS,
+    _POOL_MODULES,
+    _SHAPE_QUERIES,
+    _argument,
+    _as_tuple,
+    _Bad,
+    _channel_factors,
+    _constant_along,
+    _factor,
+    _Flow,
+    _homogeneous,
+    _linear_kind,
+    _offset_or_zeros,
+    _removed,
+    _shift,
+    _states_of,
+)
 
 _NUMERIC_EPS = 1e-30
 _SCALE_DECADES = 2.0
@@ -93,254 +58,9 @@ _EFFECT_RTOL = 1e-4
 _LOW_INVARIANCE_RTOL = 1e-4  # where float64 does not run
 _LOW_EFFECT_RTOL = 1e-2
 _ROTATION = 0.3
-_CONSTANT_RTOL = 1e-9
 _SEED = 20210107
 
-_LINEAR = (nn.Linear,)
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_BATCH_NORM = (nn.modules.batchnorm._BatchNorm,)
-_INSTANCE_NORM = (nn.modules.instancenorm._InstanceNorm,)
-_NORMALIZATIONS = (*_BATCH_NORM, *_INSTANCE_NORM, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
-_HOMOGENEOUS_MODULES = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-)
-_POOL_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-)
-_DATA_MOVEMENT_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten)
-
-_HOMOGENEOUS_FUNCTIONS = {
-    F.relu,
-    torch.relu,
-    F.leaky_relu,
-    F.prelu,
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
-}
-_HOMOGENEOUS_METHODS = {"relu"}
-_POOL_FUNCTIONS = {
-    getattr(F, f"{kind}_pool{d}d"): d
-    for kind in ("max", "avg", "adaptive_avg", "adaptive_max")
-    for d in (1, 2, 3)
-}
-_DATA_MOVEMENT_FUNCTIONS = {
-    torch.flatten,
-    torch.reshape,
-    torch.permute,
-    torch.transpose,
-    torch.squeeze,
-    torch.unsqueeze,
-    torch.movedim,
-    torch.narrow,
-    torch.chunk,
-    torch.split,
-    operator.getitem,
-}
-_DATA_MOVEMENT_METHODS = {
-    "view",
-    "reshape",
-    "flatten",
-    "unflatten",
-    "permute",
-    "transpose",
-    "t",
-    "squeeze",
-    "unsqueeze",
-    "contiguous",
-    "clone",
-    "movedim",
-    "narrow",
-    "chunk",
-    "split",
-    "expand",
-}
-#: metadata of a tensor (not its values): never scaled
-_SHAPE_QUERIES = {
-    ("call_function", getattr),
-    ("call_method", "size"),
-    ("call_method", "dim"),
-    ("call_method", "numel"),
-}
-_CONCATENATIONS = {torch.cat, torch.concat, torch.stack}
-_ADDITIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
-_ADD_METHODS = {"add", "add_", "sub", "sub_"}
-_MULTIPLICATIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
-_MUL_METHODS = {"mul", "mul_", "div", "div_"}
-_NEGATIONS = {operator.neg, torch.neg}
-_LINEAR_FUNCTIONS = {F.linear: "linear"}
-_LINEAR_FUNCTIONS.update({getattr(F, f"conv{d}d"): "conv" for d in (1, 2, 3)})
-_LINEAR_FUNCTIONS.update({getattr(F, f"conv_transpose{d}d"): "conv_transpose" for d in (1, 2, 3)})
-#: functional normalizations: name -> position of ``eps`` in the positional arguments
-_NORM_FUNCTIONS = {
-    F.batch_norm: 7,
-    F.instance_norm: 7,
-    F.layer_norm: 4,
-    F.group_norm: 4,
-    F.rms_norm: 3,
-}
-
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
-
-
-# ---------------------------------------------------------------------------------- public API
-
-
-def find_scale_invariant(
-    model: nn.Module, example_inputs: Inputs, *, verbose: bool = False
-) -> dict[str, int | None]:
-    r"""The parameters of ``model`` on which its training-mode output is positively scale invariant.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        any model; it is not modified (see the module documentation for the decision rule)
-    example_inputs : torch.Tensor or tuple of torch.Tensor
-        a training batch, passed as ``model(*example_inputs)``; BatchNorm needs more than one
-        sample
-    verbose : bool
-        print one line per candidate weight saying what was decided and why
-
-    Returns
-    -------
-    dict
-        parameter name → group axis (the ``dim`` of :class:`~psi_geoopt.PSIManifold`), the
-        finest grouping that holds: the output-channel axis where each output channel is
-        invariant on its own, ``None`` where only the whole tensor is. Empty when nothing is
-        (e.g. a model without normalization).
-    """
-    probe = _Probe(model, example_inputs)
-    decisions = probe.decide_all()
-    if verbose:
-        print(probe.summary(decisions))
-    return {name: d.dim for name, d in decisions.items() if d.invariant}
-
-
-def to_psi(
-    model: nn.Module,
-    example_inputs: Inputs,
-    names: Iterable[str] | Mapping[str, int | None] | None = None,
-    check: bool = True,
-) -> dict[str, PSIManifold]:
-    r"""Replace the PSI weights of ``model``, in place, by :class:`geoopt.ManifoldParameter` s.
-
-    Each converted parameter keeps its name, storage, values, dtype, device and
-    ``requires_grad``; a parameter shared by several modules stays shared. Only the class of
-    the parameter changes (to :class:`geoopt.ManifoldParameter` on
-    :class:`~psi_geoopt.PSIManifold` ``(dim)``), so ``state_dict`` s load both ways between a
-    converted and a plain model. Converting twice changes nothing. Build the optimizer after
-    this call.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        the model to convert
-    example_inputs : torch.Tensor or tuple of torch.Tensor
-        a training batch (see :func:`find_scale_invariant`)
-    names : list of str, or dict name → dim, optional
-        ``None`` (default): every parameter :func:`find_scale_invariant` finds, with its
-        grouping. A list: exactly these parameters, each with the finest grouping that holds.
-        A dict: exactly these parameters with the given group axes.
-    check : bool
-        check every name of ``names`` (structurally and numerically, for the given ``dim``
-        where ``names`` is a dict) and raise :class:`ValueError` naming those that are not
-        scale invariant; then nothing is converted. ``False`` converts ``names`` unchecked
-        (names of a list that are not found invariant get ``dim=None``).
-
-    Returns
-    -------
-    dict
-        converted parameter name → its :class:`~psi_geoopt.PSIManifold`
-    """
-    _check_model("to_psi", model)
-    if not isinstance(check, bool):
-        raise TypeError(f"to_psi: `check` must be a bool, got {check!r}")
-    parameters = dict(model.named_parameters())
-    if names is None:
-        targets = find_scale_invariant(model, example_inputs)
-        if not targets:
-            warnings.warn(
-                f"to_psi: no scale-invariant parameter found in {type(model).__name__}; "
-                "nothing converted (call find_scale_invariant(..., verbose=True) to see why)",
-                stacklevel=2,
-            )
-    else:
-        targets = _requested(names, parameters)
-        if check or not isinstance(names, Mapping):
-            targets = _checked(model, example_inputs, targets, check)
-    manifolds = {name: PSIManifold(dim) for name, dim in targets.items()}
-    for name, manifold in manifolds.items():
-        try:
-            manifold.assert_check_point(parameters[name].detach())
-        except ValueError as error:
-            raise ValueError(f"to_psi: parameter {name!r} cannot be a PSI point: {error}") from None
-    for name, manifold in manifolds.items():
-        _replace_parameter(model, parameters[name], manifold)
-    return manifolds
-
-
-def param_groups(model: nn.Module, weight_decay: float = 0.0, **overrides) -> list[dict]:
-    r"""Optimizer parameter groups for a model converted by :func:`to_psi`.
-
-    Every parameter appears exactly once (a shared one once, a frozen one too, so that
-    unfreezing it later needs no new optimizer; optimizers skip parameters without a
-    gradient): the PSI parameters
-    (:class:`geoopt.ManifoldParameter` on :class:`~psi_geoopt.PSIManifold`) in one group with
-    ``weight_decay=0`` (weight decay on a PSI group is radial, so the projection removes it
-    anyway) and ``overrides`` on top, every other parameter in one group with
-    ``weight_decay``. Other hyper-parameters come from the optimizer's defaults, e.g.
-    ``psi_geoopt.optim.RiemannianSGD(param_groups(model, 5e-4), lr=0.1, momentum=0.9)`` or
-    ``geoopt.optim.RiemannianAdam(param_groups(model, 1e-2, lr=0.01), lr=1e-3)``. Empty groups
-    are left out.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        the model
-    weight_decay : float
-        weight decay of the parameters that are not PSI
-    **overrides
-        hyper-parameters of the PSI group only (e.g. ``lr=0.03``), given to the optimizer as
-        they are
-    """
-    _check_model("param_groups", model)
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
-        raise TypeError(f"param_groups: `weight_decay` must be a number, got {weight_decay!r}")
-    if not weight_decay >= 0:
-        raise ValueError(f"param_groups: `weight_decay` must be >= 0, got {weight_decay!r}")
-    if "params" in overrides:
-        raise ValueError("param_groups: `params` cannot be overridden")
-    parameters = list(model.parameters())
-    psi = [p for p in parameters if _is_psi(p)]
-    euclidean = [p for p in parameters if not _is_psi(p)]
-    groups = []
-    if euclidean:
-        groups.append({"params": euclidean, "weight_decay": float(weight_decay)})
-    if psi:
-        groups.append({"params": psi, "weight_decay": 0.0, **overrides})
-    return groups
-
-
-# ------------------------------------------------------------------------- name handling
 
 
 def _check_model(caller: str, model) -> None:
@@ -348,94 +68,11 @@ def _check_model(caller: str, model) -> None:
         raise TypeError(f"{caller}: `model` must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def _is_psi(p: torch.Tensor) -> bool:
-    return isinstance(p, geoopt.ManifoldParameter) and isinstance(p.manifold, PSIManifold)
-
-
-def _requested(names, parameters: dict[str, nn.Parameter]) -> dict[str, int | type | None]:
-    """``names`` as a dict name → dim (``_FINEST`` where the caller gave no dim), validated."""
-    if isinstance(names, str) or not isinstance(names, Iterable):
-        raise TypeError(
-            f"to_psi: `names` must be a list of parameter names or a dict name -> dim, "
-            f"got {names!r}"
-        )
-    requested = dict(names) if isinstance(names, Mapping) else dict.fromkeys(names, _FINEST)
-    for name, dim in requested.items():
-        if not isinstance(name, str):
-            raise TypeError(f"to_psi: parameter names must be str, got {name!r}")
-        if name not in parameters:
-            close = difflib.get_close_matches(name, list(parameters), n=3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"to_psi: the model has no parameter {name!r}{hint}")
-        if dim is not _FINEST and dim is not None:
-            if isinstance(dim, bool) or not isinstance(dim, int):
-                raise TypeError(f"to_psi: the dim of {name!r} must be an int or None, got {dim!r}")
-            rank = parameters[name].dim()
-            if not -rank <= dim < rank:
-                raise ValueError(f"to_psi: dim={dim} is out of range for {name!r} of rank {rank}")
-    return requested
-
-
-class _FINEST:
-    """Marker: the caller named a parameter without a grouping; use the finest that holds."""
-
-
-def _checked(model, example_inputs, requested, check: bool) -> dict[str, int | None]:
-    probe = _Probe(model, example_inputs)
-    targets, failures = {}, []
-    for name, dim in requested.items():
-        if dim is _FINEST:
-            decision = probe.decide(name)
-        else:
-            decision = probe.decide(name, dims=(dim,))
-        if decision.invariant:
-            targets[name] = decision.dim
-        elif check:
-            wanted = "" if dim is _FINEST else f" with dim={dim}"
-            failures.append(f"{name!r}{wanted}: {decision.reason}")
-        else:
-            targets[name] = None if dim is _FINEST else dim
-    if failures:
-        raise ValueError(
-            "to_psi: not positively scale invariant, nothing converted:\n  " + "\n  ".join(failures)
-        )
-    return targets
-
-
-def _replace_parameter(model: nn.Module, old: nn.Parameter, manifold: PSIManifold) -> None:
-    """Put a ManifoldParameter sharing ``old``'s storage wherever ``old`` is registered."""
-    if _is_psi(old) and old.manifold.dim == manifold.dim:
-        return
-    new = geoopt.ManifoldParameter(old.data, manifold=manifold, requires_grad=old.requires_grad)
-    for module in model.modules():
-        for key, value in module._parameters.items():
-            if value is old:
-                module._parameters[key] = new
-
-
-# -------------------------------------------------------------------------------- the probe
-
-
 @dataclass(frozen=True)
 class _Decision:
     invariant: bool
     dim: int | None
     reason: str
-
-
-@dataclass
-class _Flow:
-    r"""A value computed from the probed weight: :math:`F \odot x + O` (``offset=None``: O = 0)."""
-
-    factor: torch.Tensor
-    offset: torch.Tensor | None = None
-
-
-class _Bad:
-    """A value that depends on the probed weight in a way no normalization undoes."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
 
 
 class _Recorder(fx.Interpreter):
@@ -1070,86 +707,6 @@ class _Probe:
     @staticmethod
     def _negate(flow: _Flow):
         return _Flow(flow.factor, None if flow.offset is None else -flow.offset)
-
-
-_NORMALIZED = object()
-
-
-def _removed(flow: _Flow, axes: list[int], removes_offset: bool, where: str):
-    if not _constant_along(flow.factor, axes):
-        return _Bad(f"the factor varies inside the normalized slices {where}")
-    if flow.offset is not None:
-        if not removes_offset:
-            return _Bad(f"a shift is not removed by the normalization {where}")
-        if not _constant_along(flow.offset, axes):
-            return _Bad(f"a shift varies inside the normalized slices {where}")
-    return _NORMALIZED
-
-
-def _homogeneous(flow: _Flow | None, where: str):
-    if not isinstance(flow, _Flow):
-        return _Bad(f"used as a parameter of a nonlinearity {where}")
-    if flow.offset is not None:
-        return _Bad(f"a shifted value goes through a nonlinearity {where}")
-    return flow
-
-
-def _factor(flow: _Flow, _: fx.Node) -> torch.Tensor:
-    return flow.factor.contiguous()  # factors are often expanded views: make `view` work
-
-
-def _shift(flow: _Flow, _: fx.Node) -> torch.Tensor:
-    return _offset_or_zeros(flow).contiguous()
-
-
-def _offset_or_zeros(flow: _Flow) -> torch.Tensor:
-    return torch.zeros_like(flow.factor) if flow.offset is None else flow.offset
-
-
-def _constant_along(t: torch.Tensor, axes: list[int]) -> bool:
-    if not axes or t.numel() == 0:
-        return True
-    spread = (t.amax(dim=axes) - t.amin(dim=axes)).abs().max()
-    rtol = max(_CONSTANT_RTOL, 1000 * torch.finfo(t.dtype).eps)
-    return bool(spread <= rtol * t.abs().max())
-
-
-def _channel_factors(factor: torch.Tensor, kind: str, groups: int) -> torch.Tensor | None:
-    """The weight's factor per output channel, or None where it is not one per channel."""
-    if kind == "conv_transpose":
-        if _constant_along(factor, list(range(factor.dim()))):
-            return factor.flatten()[:1]
-        if groups != 1 or not _constant_along(factor, [0, *range(2, factor.dim())]):
-            return None
-        return factor.amax(dim=[0, *range(2, factor.dim())])
-    rest = list(range(1, factor.dim()))
-    if not _constant_along(factor, rest):
-        return None
-    return factor.amax(dim=rest) if rest else factor
-
-
-def _states_of(args, states):
-    return fx.node.map_arg(args, lambda n: states.get(n))
-
-
-def _linear_kind(module: nn.Module) -> str | None:
-    if isinstance(module, _LINEAR):
-        return "linear"
-    if isinstance(module, _CONV):
-        return "conv"
-    if isinstance(module, _CONV_TRANSPOSE):
-        return "conv_transpose"
-    return None
-
-
-def _argument(node: fx.Node, position: int, keyword: str, default=None):
-    if len(node.args) > position:
-        return node.args[position]
-    return node.kwargs.get(keyword, default)
-
-
-def _as_tuple(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def _copy(model: nn.Module) -> nn.Module:
