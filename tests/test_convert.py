@@ -12,8 +12,15 @@ from convert_models import MODELS, ResNet18, mixed, preact_resnet, resnet18
 from torch import nn
 
 import psi_geoopt
-from psi_geoopt import PSIManifold, find_scale_invariant, param_groups, to_psi
-from psi_geoopt.convert.probe import _Probe
+from psi_geoopt import (
+    PSIManifold,
+    explain_scale_invariance,
+    find_scale_invariant,
+    param_groups,
+    to_psi,
+)
+from psi_geoopt.convert.numeric import NumericProbe
+from psi_geoopt.convert.probe import Probe
 from psi_geoopt.optim import RiemannianSGD
 
 
@@ -71,14 +78,14 @@ def test_finds_exactly_the_hand_labelled_weights(name):
 
 
 def test_weights_are_tested_one_by_one_where_the_joint_rescaling_fails(monkeypatch):
-    rescaled_change = _Probe._rescaled_change
+    rescaled_change = NumericProbe.rescaled_change
     calls = []
 
     def joint_fails(self, groupings):
         calls.append(len(groupings))
         return float("inf") if len(groupings) > 1 else rescaled_change(self, groupings)
 
-    monkeypatch.setattr(_Probe, "_rescaled_change", joint_fails)
+    monkeypatch.setattr(NumericProbe, "rescaled_change", joint_fails)
     model, inputs, truth = _build("mixed")
     assert find_scale_invariant(model, inputs) == truth
     assert calls[0] > 1 and set(calls[1:]) == {1}
@@ -115,6 +122,21 @@ def test_verbose_explains_decisions(capsys):
     assert "layer1.conv1.weight: PSI, dim=0" in out
     assert "layer1.conv2.weight: not PSI" in out
     assert "fc.weight: not PSI (dim=0: its scale reaches the model's output" in out
+
+
+def test_explanations_come_back_as_data():
+    model, inputs, truth = preact_resnet()
+    report = explain_scale_invariance(model, inputs)
+    assert report.found == truth
+    decision = report.decisions["layer1.conv1.weight"]
+    assert decision.invariant and decision.dim == 0
+    assert decision.reason == "scale removed by layer1.bn2 (BatchNorm2d)"
+    assert not report.decisions["fc.weight"].invariant
+    assert "its scale reaches the model's output" in report.decisions["fc.weight"].reason
+    assert set(report.decisions) == {n for n, p in model.named_parameters() if p.dim() > 1}
+    assert report.other_parameters == sum(1 for p in model.parameters() if p.dim() == 1)
+    assert report.notes == ()
+    assert str(report).splitlines()[0] == "find_scale_invariant(PreActResNet):"
 
 
 # --------------------------------------------------------- structural and numeric both needed
@@ -201,9 +223,9 @@ def test_normalization_eps_does_not_hide_invariance():
             return self.bn(self.conv(x)), y
 
     model, inputs = Tiny(), torch.randn(6, 3, 6, 6)
-    probe = _Probe(model, inputs)
-    probe.module.bn.eps = 1e-5  # what the probe would see without its eps
-    assert probe._rescaled_change({"conv.weight": 0}) > 1e-2  # eps alone would say "no"
+    probe = Probe(model, inputs)
+    probe.copy.module.bn.eps = 1e-5  # what the probe would see without its eps
+    assert probe.numeric.rescaled_change({"conv.weight": 0}) > 1e-2  # eps alone would say "no"
     assert find_scale_invariant(model, inputs) == {"conv.weight": 0, "functional.weight": 0}
 
 
@@ -463,5 +485,6 @@ def test_param_groups_bad_arguments():
 
 
 def test_exported():
-    assert {"find_scale_invariant", "to_psi", "param_groups"} <= set(psi_geoopt.__all__)
+    exported = {"find_scale_invariant", "explain_scale_invariance", "to_psi", "param_groups"}
+    assert exported <= set(psi_geoopt.__all__)
     assert PSIManifold is psi_geoopt.PSIManifold

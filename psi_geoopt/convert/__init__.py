@@ -67,6 +67,14 @@ Probing never touches the model: it works on a deep copy, inside
 ``num_batches_tracked``), training flags and the global random state are left as they were.
 """
 
-from .api import find_scale_invariant, param_groups, to_psi
+from .api import explain_scale_invariance, find_scale_invariant, param_groups, to_psi
+from .report import Decision, ScaleInvarianceReport
 
-__all__ = ["find_scale_invariant", "param_groups", "to_psi"]
+__all__ = [
+    "Decision",
+    "ScaleInvarianceReport",
+    "explain_scale_invariance",
+    "find_scale_invariant",
+    "param_groups",
+    "to_psi",
+]

@@ -11,11 +11,10 @@ import torch
 from torch import nn
 
 from ..manifold import PSIManifold
-from .probe import (
-    Inputs,
-    _check_model,
-    _Probe,
-)
+from .probe import Probe
+from .report import ScaleInvarianceReport
+from .tracing import Inputs
+from .tracing import check_model as _check_model
 
 # ---------------------------------------------------------------------------------- public API
 
@@ -33,7 +32,8 @@ def find_scale_invariant(
         a training batch, passed as ``model(*example_inputs)``; BatchNorm needs more than one
         sample
     verbose : bool
-        print one line per candidate weight saying what was decided and why
+        print one line per candidate weight saying what was decided and why (the text of
+        :func:`explain_scale_invariance`'s report)
 
     Returns
     -------
@@ -43,11 +43,33 @@ def find_scale_invariant(
         invariant on its own, ``None`` where only the whole tensor is. Empty when nothing is
         (e.g. a model without normalization).
     """
-    probe = _Probe(model, example_inputs)
-    decisions = probe.decide_all()
+    report = explain_scale_invariance(model, example_inputs)
     if verbose:
-        print(probe.summary(decisions))
-    return {name: d.dim for name, d in decisions.items() if d.invariant}
+        print(report)
+    return report.found
+
+
+def explain_scale_invariance(model: nn.Module, example_inputs: Inputs) -> ScaleInvarianceReport:
+    r"""The decision on every candidate weight of ``model``, with its reason.
+
+    What :func:`find_scale_invariant` decides, as data: ``report.found`` is its result,
+    ``report.decisions[name]`` the :class:`~psi_geoopt.convert.Decision` on each weight of a
+    linear map (``invariant``, ``dim``, ``reason``), ``report.notes`` how the probe ran, and
+    ``print(report)`` the explanation ``verbose=True`` prints.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        any model; it is not modified
+    example_inputs : torch.Tensor or tuple of torch.Tensor
+        a training batch, passed as ``model(*example_inputs)``
+
+    Returns
+    -------
+    ScaleInvarianceReport
+    """
+    probe = Probe(model, example_inputs)
+    return probe.report(probe.decide_all())
 
 
 def to_psi(
@@ -191,7 +213,7 @@ class _FINEST:
 
 
 def _checked(model, example_inputs, requested, check: bool) -> dict[str, int | None]:
-    probe = _Probe(model, example_inputs)
+    probe = Probe(model, example_inputs)
     targets, failures = {}, []
     for name, dim in requested.items():
         if dim is _FINEST:

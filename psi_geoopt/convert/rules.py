@@ -1,211 +1,487 @@
-"""The operations the structural test of :mod:`psi_geoopt.convert` knows, and the value it
-follows through them: :math:`F \\odot x + O` computed from the probed weight."""
+r"""The structural rules: how each operation transforms :math:`F \odot x + O` (see :mod:`.flow`).
+
+:data:`RULES` maps an operation of a traced graph to its rule: a module class (looked up along
+the module's class hierarchy), a function, or the name of a tensor method. A rule receives the
+:class:`~.flow.Walk` and the node, whose inputs have their states, and returns the node's state:
+a :class:`~.flow.Flow`, a :class:`~.flow.Rejected` with the reason, a :class:`~.flow.Removed`
+where a normalization removes the scale, or ``None`` where the value does not depend on the
+weight. An operation missing from the table rejects the weight.
+"""
 
 from __future__ import annotations
 
+import functools
 import operator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils._pytree import tree_flatten
 
-_CONSTANT_RTOL = 1e-9
-
-_LINEAR = (nn.Linear,)
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_BATCH_NORM = (nn.modules.batchnorm._BatchNorm,)
-_INSTANCE_NORM = (nn.modules.instancenorm._InstanceNorm,)
-_NORMALIZATIONS = (*_BATCH_NORM, *_INSTANCE_NORM, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
-_HOMOGENEOUS_MODULES = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
+from .flow import (
+    Flow,
+    Rejected,
+    Removed,
+    State,
+    Walk,
+    argument,
+    as_tuple,
+    channel_factors,
+    constant_along,
+    factor_of,
+    offset_or_zeros,
+    shift_of,
+    where,
 )
-_POOL_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-)
-_DATA_MOVEMENT_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten)
 
-_HOMOGENEOUS_FUNCTIONS = {
-    F.relu,
-    torch.relu,
-    F.leaky_relu,
-    F.prelu,
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
+Rule = Callable[[Walk, fx.Node], State]
+
+LINEAR_MODULES: dict[type[nn.Module], str] = {
+    nn.Linear: "linear",
+    nn.Conv1d: "conv",
+    nn.Conv2d: "conv",
+    nn.Conv3d: "conv",
+    nn.ConvTranspose1d: "conv_transpose",
+    nn.ConvTranspose2d: "conv_transpose",
+    nn.ConvTranspose3d: "conv_transpose",
 }
-_HOMOGENEOUS_METHODS = {"relu"}
-_POOL_FUNCTIONS = {
-    getattr(F, f"{kind}_pool{d}d"): d
-    for kind in ("max", "avg", "adaptive_avg", "adaptive_max")
-    for d in (1, 2, 3)
+"""Modules whose ``weight`` is a candidate, and the kind of linear map they compute."""
+
+LINEAR_FUNCTIONS: dict[Callable, str] = {
+    F.linear: "linear",
+    **{getattr(F, f"conv{d}d"): "conv" for d in (1, 2, 3)},
+    **{getattr(F, f"conv_transpose{d}d"): "conv_transpose" for d in (1, 2, 3)},
 }
-_DATA_MOVEMENT_FUNCTIONS = {
-    torch.flatten,
-    torch.reshape,
-    torch.permute,
-    torch.transpose,
-    torch.squeeze,
-    torch.unsqueeze,
-    torch.movedim,
-    torch.narrow,
-    torch.chunk,
-    torch.split,
-    operator.getitem,
-}
-_DATA_MOVEMENT_METHODS = {
-    "view",
-    "reshape",
-    "flatten",
-    "unflatten",
-    "permute",
-    "transpose",
-    "t",
-    "squeeze",
-    "unsqueeze",
-    "contiguous",
-    "clone",
-    "movedim",
-    "narrow",
-    "chunk",
-    "split",
-    "expand",
-}
-#: metadata of a tensor (not its values): never scaled
-_SHAPE_QUERIES = {
-    ("call_function", getattr),
-    ("call_method", "size"),
-    ("call_method", "dim"),
-    ("call_method", "numel"),
-}
-_CONCATENATIONS = {torch.cat, torch.concat, torch.stack}
-_ADDITIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
-_ADD_METHODS = {"add", "add_", "sub", "sub_"}
-_MULTIPLICATIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
-_MUL_METHODS = {"mul", "mul_", "div", "div_"}
-_NEGATIONS = {operator.neg, torch.neg}
-_LINEAR_FUNCTIONS = {F.linear: "linear"}
-_LINEAR_FUNCTIONS.update({getattr(F, f"conv{d}d"): "conv" for d in (1, 2, 3)})
-_LINEAR_FUNCTIONS.update({getattr(F, f"conv_transpose{d}d"): "conv_transpose" for d in (1, 2, 3)})
-#: functional normalizations: name -> position of ``eps`` in the positional arguments
-_NORM_FUNCTIONS = {
+"""Functions whose ``weight`` argument is a candidate, and their kind of linear map."""
+
+NORMALIZATION_MODULES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.RMSNorm,
+)
+NORMALIZATION_EPS: dict[Callable, int] = {
     F.batch_norm: 7,
     F.instance_norm: 7,
     F.layer_norm: 4,
     F.group_norm: 4,
     F.rms_norm: 3,
 }
+"""Functional normalizations and the position of their ``eps`` argument."""
 
 
-@dataclass
-class _Flow:
-    r"""A value computed from the probed weight: :math:`F \odot x + O` (``offset=None``: O = 0)."""
-
-    factor: torch.Tensor
-    offset: torch.Tensor | None = None
-
-
-class _Bad:
-    """A value that depends on the probed weight in a way no normalization undoes."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-_NORMALIZED = object()
-
-
-def _removed(flow: _Flow, axes: list[int], removes_offset: bool, where: str):
-    if not _constant_along(flow.factor, axes):
-        return _Bad(f"the factor varies inside the normalized slices {where}")
-    if flow.offset is not None:
-        if not removes_offset:
-            return _Bad(f"a shift is not removed by the normalization {where}")
-        if not _constant_along(flow.offset, axes):
-            return _Bad(f"a shift varies inside the normalized slices {where}")
-    return _NORMALIZED
-
-
-def _homogeneous(flow: _Flow | None, where: str):
-    if not isinstance(flow, _Flow):
-        return _Bad(f"used as a parameter of a nonlinearity {where}")
-    if flow.offset is not None:
-        return _Bad(f"a shifted value goes through a nonlinearity {where}")
-    return flow
-
-
-def _factor(flow: _Flow, _: fx.Node) -> torch.Tensor:
-    return flow.factor.contiguous()  # factors are often expanded views: make `view` work
-
-
-def _shift(flow: _Flow, _: fx.Node) -> torch.Tensor:
-    return _offset_or_zeros(flow).contiguous()
-
-
-def _offset_or_zeros(flow: _Flow) -> torch.Tensor:
-    return torch.zeros_like(flow.factor) if flow.offset is None else flow.offset
-
-
-def _constant_along(t: torch.Tensor, axes: list[int]) -> bool:
-    if not axes or t.numel() == 0:
-        return True
-    spread = (t.amax(dim=axes) - t.amin(dim=axes)).abs().max()
-    rtol = max(_CONSTANT_RTOL, 1000 * torch.finfo(t.dtype).eps)
-    return bool(spread <= rtol * t.abs().max())
-
-
-def _channel_factors(factor: torch.Tensor, kind: str, groups: int) -> torch.Tensor | None:
-    """The weight's factor per output channel, or None where it is not one per channel."""
-    if kind == "conv_transpose":
-        if _constant_along(factor, list(range(factor.dim()))):
-            return factor.flatten()[:1]
-        if groups != 1 or not _constant_along(factor, [0, *range(2, factor.dim())]):
-            return None
-        return factor.amax(dim=[0, *range(2, factor.dim())])
-    rest = list(range(1, factor.dim()))
-    if not _constant_along(factor, rest):
-        return None
-    return factor.amax(dim=rest) if rest else factor
-
-
-def _states_of(args, states):
-    return fx.node.map_arg(args, lambda n: states.get(n))
-
-
-def _linear_kind(module: nn.Module) -> str | None:
-    if isinstance(module, _LINEAR):
-        return "linear"
-    if isinstance(module, _CONV):
-        return "conv"
-    if isinstance(module, _CONV_TRANSPOSE):
-        return "conv_transpose"
+def linear_kind(module: nn.Module) -> str | None:
+    """``linear``, ``conv`` or ``conv_transpose`` for the linear-map modules, else None."""
+    for cls in type(module).__mro__:
+        if cls in LINEAR_MODULES:
+            return LINEAR_MODULES[cls]
     return None
 
 
-def _argument(node: fx.Node, position: int, keyword: str, default=None):
-    if len(node.args) > position:
-        return node.args[position]
-    return node.kwargs.get(keyword, default)
+def rule_for(walk: Walk, node: fx.Node) -> Rule | None:
+    """The rule of ``node``'s operation, None where the table has none."""
+    if node.op == "call_module":
+        for cls in type(walk.module(node)).__mro__:
+            if cls in RULES:
+                return RULES[cls]
+        return None
+    if node.op in ("call_function", "call_method"):
+        return RULES.get(node.target)
+    return None
 
 
-def _as_tuple(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+def unsupported(walk: Walk, node: fx.Node) -> Rejected:
+    """The reason for an operation without a rule."""
+    if node.op == "call_module":
+        name = type(walk.module(node)).__name__
+        return Rejected(f"{name} {where(node)} is not positively homogeneous")
+    if node.op == "call_method":
+        return Rejected(f"method {node.target!r} {where(node)} is not supported")
+    return Rejected(
+        f"{getattr(node.target, '__name__', node.target)} {where(node)} is not supported"
+    )
+
+
+# ------------------------------------------------------------------------------ the rules
+
+
+def shape_query(walk: Walk, node: fx.Node) -> State:
+    """Metadata of a tensor (``size``, ``shape``), not its values: never scaled."""
+    return None
+
+
+def homogeneous(walk: Walk, node: fx.Node) -> State:
+    """ReLU, LeakyReLU, PReLU, dropout: :math:`g(Fx) = F g(x)` for :math:`F > 0`, if O = 0."""
+    flow = walk.state(node.args[0])
+    if not isinstance(flow, Flow):
+        return Rejected(f"used as a parameter of a nonlinearity {where(node)}")
+    if flow.offset is not None:
+        return Rejected(f"a shifted value goes through a nonlinearity {where(node)}")
+    return flow
+
+
+def move(walk: Walk, node: fx.Node) -> State:
+    """Data movement: the same operation applied to F and O."""
+    flows = [s for s in tree_flatten(walk.states_of(node.args))[0] if isinstance(s, Flow)]
+    factor = walk.substitute(node, factor_of)
+    offset = None
+    if any(s.offset is not None for s in flows):
+        offset = walk.substitute(node, shift_of)
+    if isinstance(factor, (tuple, list)):
+        offsets = offset if offset is not None else [None] * len(factor)
+        return tuple(Flow(f, o) for f, o in zip(factor, offsets, strict=True))
+    return Flow(factor, offset)
+
+
+def concatenate(walk: Walk, node: fx.Node) -> State:
+    """``cat``/``stack``: other inputs pass with F = 1 and O = 0."""
+
+    def pieces(pick, fill):
+        return [
+            pick(walk.states[t]) if isinstance(walk.state(t), Flow) else fill(walk.values[t])
+            for t in node.args[0]
+        ]
+
+    rest = node.args[1:]
+    kwargs = fx.node.map_arg(node.kwargs, lambda a: walk.values[a])
+    factor = node.target(pieces(lambda s: s.factor, torch.ones_like), *rest, **kwargs)
+    offset = None
+    if any(
+        isinstance(walk.state(t), Flow) and walk.state(t).offset is not None for t in node.args[0]
+    ):
+        offset = node.target(pieces(offset_or_zeros, torch.zeros_like), *rest, **kwargs)
+    return Flow(factor, offset)
+
+
+def linear(
+    walk: Walk, node: fx.Node, kind: str, w_state: State, has_bias: bool, groups: int
+) -> State:
+    r"""A linear map :math:`y = W * x + b`; the flow may enter through ``x`` and/or ``W``."""
+    out = walk.values[node]
+    x_state = walk.state(node.args[0])
+    if w_state is not None and (not isinstance(w_state, Flow) or w_state.offset is not None):
+        return Rejected(f"the weight is transformed before use {where(node)}")
+    factor = torch.ones((1,) * out.dim(), dtype=out.dtype, device=out.device)
+    shifted = isinstance(x_state, Flow) and x_state.offset is not None
+    if isinstance(x_state, Flow):
+        n_contracted = 1 if kind == "linear" else _weight_rank(walk, node, w_state) - 1
+        rank = x_state.factor.dim()
+        contracted = list(range(rank - n_contracted, rank))
+        if not constant_along(x_state.factor, contracted):
+            return Rejected(f"channels with different factors are mixed {where(node)}")
+        factor = x_state.factor.amax(dim=contracted, keepdim=True)
+        if w_state is not None and shifted:
+            return Rejected(f"a shifted input meets the scaled weight {where(node)}")
+    if w_state is not None:
+        per_channel = channel_factors(w_state.factor, kind, groups)
+        if per_channel is None:
+            return Rejected(f"the weight's groups are not output channels {where(node)}")
+        axis = out.dim() - 1 if kind == "linear" else out.dim() - w_state.factor.dim() + 1
+        shape = [1] * out.dim()
+        shape[axis] = per_channel.numel()
+        factor = factor * per_channel.reshape(shape)
+    offset = None
+    if has_bias or shifted:
+        # W * O + b, with the weight's recorded value (the offset does not scale with it)
+        source = x_state if shifted else Flow(torch.zeros_like(walk.values[node.args[0]]))
+        offset = walk.substitute(node, lambda _, n: walk.values[n], first=offset_or_zeros(source))
+    return Flow(factor.expand(out.shape), offset)
+
+
+def _weight_rank(walk: Walk, node: fx.Node, w_state: State) -> int:
+    if w_state is not None:
+        return w_state.factor.dim()
+    if node.op == "call_module":
+        return walk.module(node).weight.dim()
+    return walk.values[node.args[1]].dim()
+
+
+def linear_module(walk: Walk, node: fx.Node) -> State:
+    """``Linear``, ``Conv*d``, ``ConvTranspose*d``: the probed weight may be theirs."""
+    module = walk.module(node)
+    if any(p is walk.weight for p in module.parameters() if p is not module.weight):
+        return Rejected(f"used as a bias {where(node)}")
+    w_state = walk.weight_flow if module.weight is walk.weight else None
+    groups = getattr(module, "groups", 1)
+    return linear(walk, node, linear_kind(module), w_state, module.bias is not None, groups)
+
+
+def linear_function(walk: Walk, node: fx.Node) -> State:
+    """``F.linear``, ``F.conv*d``, ``F.conv_transpose*d``."""
+    kind = LINEAR_FUNCTIONS[node.target]
+    b_node = argument(node, 2, "bias")
+    if walk.state(b_node) is not None:
+        return Rejected(f"used as a bias {where(node)}")
+    w_state = walk.state(argument(node, 1, "weight"))
+    groups = argument(node, 6, "groups", 1) if kind != "linear" else 1
+    return linear(walk, node, kind, w_state, b_node is not None, groups)
+
+
+def normalized(
+    walk: Walk,
+    node: fx.Node,
+    axes: list[int],
+    removes_offset: bool = True,
+    batch_statistics: bool = True,
+    num_groups: int | None = None,
+) -> State:
+    """A normalization over ``axes`` of its first argument: removes F and O constant along them.
+
+    ``removes_offset``: it subtracts the mean (RMSNorm does not); ``batch_statistics``: it
+    normalizes with statistics of the batch (not running ones, which keep the scale);
+    ``num_groups``: GroupNorm, whose slices are groups of channels (``axes`` then index the
+    value reshaped to ``(batch, num_groups, -1)``).
+    """
+    flow = walk.state(node.args[0])
+    parameters = [n for n in node.all_input_nodes if n is not node.args[0]]
+    if not isinstance(flow, Flow) or any(walk.state(n) is not None for n in parameters):
+        return Rejected(f"used in the parameters of a normalization {where(node)}")
+    if not batch_statistics:
+        return Rejected(f"a normalization with running statistics {where(node)} keeps the scale")
+    factor, offset = flow.factor, flow.offset
+    if num_groups is not None:
+        factor = factor.reshape(factor.shape[0], num_groups, -1)
+        offset = None if offset is None else offset.reshape(offset.shape[0], num_groups, -1)
+    if not constant_along(factor, axes):
+        return Rejected(f"the factor varies inside the normalized slices {where(node)}")
+    if offset is not None:
+        if not removes_offset:
+            return Rejected(f"a shift is not removed by the normalization {where(node)}")
+        if not constant_along(offset, axes):
+            return Rejected(f"a shift varies inside the normalized slices {where(node)}")
+    if node.op == "call_module":
+        return Removed(f"{node.target} ({type(walk.module(node)).__name__})")
+    return Removed(f"{getattr(node.target, '__name__', node.target)}() at {node.name!r}")
+
+
+def _rank(walk: Walk, node: fx.Node) -> int:
+    return walk.values[node.args[0]].dim()
+
+
+def batch_norm_module(walk: Walk, node: fx.Node) -> State:
+    module = walk.module(node)
+    batch_statistics = module.training or module.running_mean is None
+    axes = [a for a in range(_rank(walk, node)) if a != 1]
+    return normalized(walk, node, axes, batch_statistics=batch_statistics)
+
+
+def instance_norm_module(walk: Walk, node: fx.Node) -> State:
+    module = walk.module(node)
+    batch_statistics = module.training or not module.track_running_stats
+    d, rank = int(type(module).__name__[-2]), _rank(walk, node)
+    return normalized(walk, node, list(range(rank - d, rank)), batch_statistics=batch_statistics)
+
+
+def layer_norm_module(walk: Walk, node: fx.Node) -> State:
+    module, rank = walk.module(node), _rank(walk, node)
+    axes = list(range(rank - len(module.normalized_shape), rank))
+    return normalized(walk, node, axes, not isinstance(module, nn.RMSNorm), True)
+
+
+def group_norm_module(walk: Walk, node: fx.Node) -> State:
+    return normalized(walk, node, [2], num_groups=walk.module(node).num_groups)
+
+
+def batch_norm_function(walk: Walk, node: fx.Node) -> State:
+    batch_statistics = bool(argument(node, 5, "training", False)) or (
+        argument(node, 1, "running_mean") is None
+    )
+    axes = [a for a in range(_rank(walk, node)) if a != 1]
+    return normalized(walk, node, axes, batch_statistics=batch_statistics)
+
+
+def instance_norm_function(walk: Walk, node: fx.Node) -> State:
+    batch_statistics = bool(argument(node, 5, "use_input_stats", True))
+    axes = list(range(2, _rank(walk, node)))
+    return normalized(walk, node, axes, batch_statistics=batch_statistics)
+
+
+def layer_norm_function(walk: Walk, node: fx.Node) -> State:
+    normalized_shape = argument(node, 1, "normalized_shape")
+    count = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+    rank = _rank(walk, node)
+    axes = list(range(rank - count, rank))
+    return normalized(walk, node, axes, node.target is not F.rms_norm, True)
+
+
+def group_norm_function(walk: Walk, node: fx.Node) -> State:
+    return normalized(walk, node, [2], num_groups=argument(node, 1, "num_groups"))
+
+
+def pooled(walk: Walk, node: fx.Node, d: int, padded_average: bool) -> State:
+    """Max/average pooling over the last ``d`` axes: F and O must be constant in the windows."""
+    flow = walk.state(node.args[0])
+    if not isinstance(walk.values[node], torch.Tensor):
+        return Rejected(f"pooling with indices {where(node)}")
+    axes = list(range(flow.factor.dim() - d, flow.factor.dim()))
+    out_shape = walk.values[node].shape
+    if not constant_along(flow.factor, axes):
+        return Rejected(f"the factor varies inside the pooling windows {where(node)}")
+    factor = flow.factor.amax(dim=axes, keepdim=True).expand(out_shape)
+    offset = None
+    if flow.offset is not None:
+        if padded_average:
+            return Rejected(f"a shift is averaged with zero padding {where(node)}")
+        if not constant_along(flow.offset, axes):
+            return Rejected(f"the shift varies inside the pooling windows {where(node)}")
+        offset = flow.offset.amax(dim=axes, keepdim=True).expand(out_shape)
+    return Flow(factor, offset)
+
+
+def pool_module(walk: Walk, node: fx.Node) -> State:
+    module = walk.module(node)
+    padded_average = isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)) and any(
+        p != 0 for p in as_tuple(module.padding)
+    )
+    return pooled(walk, node, int(type(module).__name__[-2]), padded_average)
+
+
+def mean(walk: Walk, node: fx.Node) -> State:
+    """``mean`` over axes along which F is constant."""
+    flow = walk.state(node.args[0])
+    dims = argument(node, 1, "dim")
+    dims = list(range(flow.factor.dim())) if dims is None else list(as_tuple(dims))
+    if not constant_along(flow.factor, dims):
+        return Rejected(f"channels with different factors are averaged {where(node)}")
+    factor = walk.substitute(node, factor_of)
+    offset = None if flow.offset is None else walk.substitute(node, shift_of)
+    return Flow(factor, offset)
+
+
+def add(walk: Walk, node: fx.Node) -> State:
+    """A sum: a tensor not computed from the weight adds to O; two flows need the same F."""
+    first, second = (walk.state(a) for a in node.args[:2])
+    flows = [s for s in (first, second) if isinstance(s, Flow)]
+    if len(node.args) > 2 or node.kwargs:
+        return Rejected(f"add with extra arguments {where(node)}")
+    out_shape = walk.values[node].shape
+    if len(flows) == 2 and not torch.allclose(
+        first.factor.expand(out_shape), second.factor.expand(out_shape), rtol=1e-12, atol=0
+    ):
+        return Rejected(f"added to a value scaled differently {where(node)}")
+    factor = flows[0].factor.expand(out_shape)
+    return Flow(factor, walk.substitute(node, shift_of))
+
+
+def multiply(walk: Walk, node: fx.Node, divide: bool = False) -> State:
+    """A product: by a tensor not computed from the weight keeps F and multiplies O."""
+    first, second = (walk.state(a) for a in node.args[:2])
+    out_shape = walk.values[node].shape
+    if isinstance(second, Flow) and divide:
+        return Rejected(f"divided by a value computed from the weight {where(node)}")
+    if isinstance(first, Flow) and isinstance(second, Flow):
+        if first.offset is not None or second.offset is not None:
+            return Rejected(f"product of shifted values {where(node)}")
+        return Flow((first.factor * second.factor).expand(out_shape))
+    flow = first if isinstance(first, Flow) else second
+    offset = None
+    if flow.offset is not None:
+        offset = walk.substitute(node, shift_of)
+    return Flow(flow.factor.expand(out_shape), offset)
+
+
+def negate(walk: Walk, node: fx.Node) -> State:
+    flow = walk.state(node.args[0])
+    return Flow(flow.factor, None if flow.offset is None else -flow.offset)
+
+
+# ------------------------------------------------------------------------------ the table
+
+_divide = functools.partial(multiply, divide=True)
+
+RULES: dict[object, Rule] = {
+    # linear maps
+    **dict.fromkeys(LINEAR_MODULES, linear_module),
+    **dict.fromkeys(LINEAR_FUNCTIONS, linear_function),
+    # normalizations
+    nn.modules.batchnorm._BatchNorm: batch_norm_module,
+    nn.modules.instancenorm._InstanceNorm: instance_norm_module,
+    nn.GroupNorm: group_norm_module,
+    nn.LayerNorm: layer_norm_module,
+    nn.RMSNorm: layer_norm_module,
+    F.batch_norm: batch_norm_function,
+    F.instance_norm: instance_norm_function,
+    F.layer_norm: layer_norm_function,
+    F.rms_norm: layer_norm_function,
+    F.group_norm: group_norm_function,
+    # positively homogeneous nonlinearities
+    **dict.fromkeys(
+        (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d),
+        homogeneous,
+    ),
+    **dict.fromkeys(
+        (F.relu, torch.relu, F.leaky_relu, F.prelu, F.dropout, F.dropout1d, F.dropout2d),
+        homogeneous,
+    ),
+    F.dropout3d: homogeneous,
+    "relu": homogeneous,
+    # pooling
+    **dict.fromkeys(
+        (
+            *(getattr(nn, f"{kind}Pool{d}d") for kind in ("Max", "Avg") for d in (1, 2, 3)),
+            *(getattr(nn, f"Adaptive{kind}Pool{d}d") for kind in ("Max", "Avg") for d in (1, 2, 3)),
+        ),
+        pool_module,
+    ),
+    **{
+        getattr(F, f"{kind}_pool{d}d"): functools.partial(pooled, d=d, padded_average=kind == "avg")
+        for kind in ("max", "avg", "adaptive_avg", "adaptive_max")
+        for d in (1, 2, 3)
+    },
+    "mean": mean,
+    # data movement
+    **dict.fromkeys((nn.Identity, nn.Flatten, nn.Unflatten), move),
+    **dict.fromkeys(
+        (
+            torch.flatten,
+            torch.reshape,
+            torch.permute,
+            torch.transpose,
+            torch.squeeze,
+            torch.unsqueeze,
+            torch.movedim,
+            torch.narrow,
+            torch.chunk,
+            torch.split,
+            operator.getitem,
+        ),
+        move,
+    ),
+    **dict.fromkeys(
+        (
+            "view",
+            "reshape",
+            "flatten",
+            "unflatten",
+            "permute",
+            "transpose",
+            "t",
+            "squeeze",
+            "unsqueeze",
+            "contiguous",
+            "clone",
+            "movedim",
+            "narrow",
+            "chunk",
+            "split",
+            "expand",
+        ),
+        move,
+    ),
+    **dict.fromkeys((torch.cat, torch.concat, torch.stack), concatenate),
+    # shape queries
+    getattr: shape_query,
+    "size": shape_query,
+    "dim": shape_query,
+    "numel": shape_query,
+    # arithmetic
+    **dict.fromkeys(
+        (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub), add
+    ),
+    **dict.fromkeys(("add", "add_", "sub", "sub_"), add),
+    **dict.fromkeys((operator.mul, operator.imul, torch.mul, "mul", "mul_"), multiply),
+    **dict.fromkeys((operator.truediv, torch.div, "div", "div_"), _divide),
+    **dict.fromkeys((operator.neg, torch.neg, "neg"), negate),
+}
