@@ -16,7 +16,10 @@ over rounds:
 - the Adam step on the same shapes: ``torch.optim.Adam(foreach=True)``, geoopt's
   ``RiemannianAdam`` and ``psi_geoopt.optim.RiemannianAdam`` (its fast path);
 - the whole training step (forward, backward, step) of the demo ConvNet (``convnet-bn``) on
-  a batch of 8x8 digit-sized images, with each SGD variant.
+  a batch of 8x8 digit-sized images, with each SGD variant;
+- :func:`~psi_geoopt.find_scale_invariant` on ResNet-50 and EfficientNet-B0 (a batch of 4
+  images of 32x32), as a ratio to one float32 forward and backward pass of the same model on
+  the same batch.
 
 Momentum 0.9 for SGD, learning rate 1e-3 for Adam. Ratios are to the first optimizer of each
 table (``torch.optim.SGD``, ``torch.optim.Adam``).
@@ -39,7 +42,8 @@ import geoopt
 import torch
 from torch import nn
 
-from .convert import to_psi
+from .convert import find_scale_invariant, to_psi
+from .experiments.large_models import efficientnet_b0, resnet50
 from .experiments.models import build_model
 from .manifold import PSIManifold
 from .optim import RiemannianAdam, RiemannianSGD
@@ -223,6 +227,40 @@ def bench_training(batch_size: int, rounds: int, compile: bool, device: str) -> 
     return {"batch_size": batch_size, "results": summary}
 
 
+CONVERSION_MODELS = {"resnet50": resnet50, "efficientnet_b0": efficientnet_b0}
+
+
+def bench_conversion(
+    model: str, rounds: int, device: str, batch_size: int = 4, image_size: int = 32
+) -> dict:
+    """:func:`find_scale_invariant` on ``model`` against one float32 forward + backward pass
+    (of ``sum(logits)``, training mode) on the same batch of random images."""
+    torch.manual_seed(0)
+    network = CONVERSION_MODELS[model]().to(device)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
+
+    def forward_backward() -> None:
+        network.zero_grad(set_to_none=True)
+        network(images).sum().backward()
+
+    found: dict[str, int | None] = {}
+
+    def find() -> None:
+        found.update(find_scale_invariant(network, images))
+
+    forward_backward()
+    actions = {"forward+backward": forward_backward, "find_scale_invariant": find}
+    summary = _summary(interleaved(actions, rounds, device), "forward+backward")
+    return {
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "weights": sum(1 for p in network.parameters() if p.dim() > 1),
+        "found": len(found),
+        "results": summary,
+    }
+
+
 def machine(device: str) -> dict[str, object]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -256,10 +294,12 @@ def _version_of(package: str) -> str | None:
         return None
 
 
-def _print_table(title: str, summary: dict[str, dict[str, float]]) -> None:
+def _print_table(
+    title: str, summary: dict[str, dict[str, float]], column: str = "optimizer"
+) -> None:
     baseline = next(iter(summary))
     print(f"\n{title}, ratios to {baseline}")
-    print(f"  {'optimizer':<26} {'median ms':>10} {'IQR ms':>8} {'ratio':>7}")
+    print(f"  {column:<26} {'median ms':>10} {'IQR ms':>8} {'ratio':>7}")
     for label, row in summary.items():
         print(f"  {label:<26} {row['median_ms']:>10.2f} {row['iqr_ms']:>8.2f} {row['ratio']:>7.2f}")
 
@@ -319,6 +359,16 @@ def run(args: argparse.Namespace) -> int:
         f"{rounds * TRAINING_ROUNDS} rounds",
         training["results"],
     )
+    results["conversion"] = {}
+    for model in ("resnet50",) if args.quick else tuple(CONVERSION_MODELS):
+        entry = bench_conversion(model, max(3, rounds // 4), device)
+        results["conversion"][model] = entry
+        _print_table(
+            f"find_scale_invariant, {model} ({entry['found']} of {entry['weights']} weights "
+            f"PSI), batch {entry['batch_size']} of 3x{entry['image_size']}x{entry['image_size']}",
+            entry["results"],
+            column="task",
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
