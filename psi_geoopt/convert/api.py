@@ -213,13 +213,12 @@ class _FINEST:
 
 
 def _checked(model, example_inputs, requested, check: bool) -> dict[str, int | None]:
-    probe = Probe(model, example_inputs)
+    decisions = Probe(model, example_inputs).decide(
+        {name: None if dim is _FINEST else (dim,) for name, dim in requested.items()}
+    )
     targets, failures = {}, []
     for name, dim in requested.items():
-        if dim is _FINEST:
-            decision = probe.decide(name)
-        else:
-            decision = probe.decide(name, dims=(dim,))
+        decision = decisions[name]
         if decision.invariant:
             targets[name] = decision.dim
         elif check:

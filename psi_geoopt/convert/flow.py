@@ -22,10 +22,14 @@ CONSTANT_RTOL = 1e-9
 
 @dataclass
 class Flow:
-    r"""A value computed from the probed weight: :math:`F \odot x + O` (``offset=None``: O = 0)."""
+    r"""A value computed from the probed weight: :math:`F \odot x + O` (``offset=None``: O = 0).
+
+    ``weight``: a value of the weight itself (moved, centred, reduced), before any linear map.
+    """
 
     factor: torch.Tensor
     offset: torch.Tensor | None = None
+    weight: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,10 @@ class Walk:
         self.weight = weight
         self.weight_flow = weight_flow
         self.states: dict[fx.Node, State] = {}
+        self.owners: set[fx.Node] = set()
+        """the ``call_module`` nodes whose module holds the weight"""
+        self.eps_additions: set[fx.Node] = set()
+        """the nodes adding an ``eps`` to a variance or a standard deviation"""
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.graph_module.get_submodule(node.target)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from .numeric import NumericProbe, not_a_point
 from .report import Decision, ScaleInvarianceReport
-from .structural import structural_test
+from .structural import StructuralTest
 from .tracing import Groupings, Inputs, prepare
 
+NOT_A_CANDIDATE = "not the weight of a Linear/Conv/ConvTranspose module or of F.linear/F.conv*"
 NO_NORMALIZATION = (
     "no normalization layer (BatchNorm, SyncBatchNorm, InstanceNorm, GroupNorm, LayerNorm, "
     "RMSNorm or their functional forms): no parameter is scale invariant"
@@ -22,62 +25,90 @@ class Probe:
         self.copy = prepare(model, example_inputs)
         self.numeric = NumericProbe(self.copy)
         self.parameters = self.copy.parameters
+        self.structural = None
+        if self.copy.graph_module is not None:
+            self.structural = StructuralTest(
+                self.copy.graph_module, self.copy.values, self.copy.eps_additions
+            )
 
     @property
     def candidates(self) -> dict[str, Groupings]:
         return self.copy.candidates
 
     def decide_all(self) -> dict[str, Decision]:
-        """Decide every candidate; one joint rescaling replaces the per-weight ones if it holds."""
-        if not self.copy.has_normalization or self.copy.graph_module is None:
-            return {name: self.decide(name) for name in self.candidates}
-        decisions, accepted = {}, {}
-        with self.copy.random_state():
-            for name, dims in self.candidates.items():
-                reasons = []
-                for dim in dims:
-                    verdict = self._structural(name, dim)
-                    reason = verdict.reason or not_a_point(self.parameters[name], dim)
-                    if reason is None:
-                        accepted[name] = (dim, verdict)
-                        break
-                    reasons.append(f"dim={dim}: {reason}")
-                decisions[name] = Decision(False, None, "; ".join(reasons))
-            groupings = {name: dim for name, (dim, _) in accepted.items()}
-            jointly = self.numeric.rescaled_change(groupings) <= self.numeric.invariance_rtol
-            for name, (dim, verdict) in accepted.items():
-                if not jointly:
-                    decisions[name] = self.decide(name)
-                elif (reason := self.numeric.no_effect(name, dim)) is not None:
-                    decisions[name] = Decision(False, None, f"dim={dim}: {reason}")
-                else:
-                    decisions[name] = Decision(True, dim, _accepted_reason(verdict.removed_by))
-        return decisions
+        """Decide every candidate weight, each for the groupings of its kind."""
+        return self.decide(dict.fromkeys(self.candidates))
 
-    def decide(self, name: str, dims: Groupings | None = None) -> Decision:
-        """Accept the first grouping of ``dims`` (default: the candidate's) that holds."""
-        if name not in self.candidates:
-            return Decision(
-                False,
-                None,
-                "not the weight of a Linear/Conv/ConvTranspose module or of F.linear/F.conv*",
-            )
-        if not self.copy.has_normalization:
-            return Decision(False, None, "the model has no normalization layer")
-        reasons = []
-        for dim in self.candidates[name] if dims is None else dims:
+    def decide(self, requests: Mapping[str, Groupings | None]) -> dict[str, Decision]:
+        """Accept for each weight of ``requests`` the first of its groupings that holds.
+
+        ``requests`` maps names to the groupings to try (None: the candidate's, finest first).
+        In rounds: every weight proposes its next grouping that passes the structural test (on
+        traced models) and is a point of the manifold; the proposals are rescaled together
+        (:meth:`~.numeric.NumericProbe.test`); the weights that fail go on to their next
+        grouping. The backward pass of the joint rescaling tells which have an effect.
+        """
+        decisions: dict[str, Decision] = {}
+        queue: dict[str, list[int | None]] = {}
+        for name, dims in requests.items():
+            if name not in self.candidates:
+                decisions[name] = Decision(False, None, NOT_A_CANDIDATE)
+            elif not self.copy.has_normalization:
+                decisions[name] = Decision(False, None, "the model has no normalization layer")
+            else:
+                queue[name] = list(self.candidates[name] if dims is None else dims)
+        reasons: dict[str, list[str]] = {name: [] for name in queue}
+        accepted: dict[str, tuple[int | None, tuple[str, ...]]] = {}
+        effects: dict[str, float] = {}
+        with self.copy.random_state():
+            while queue:
+                proposed = {}
+                for name in list(queue):
+                    proposal = self._propose(name, queue[name], reasons[name])
+                    if proposal is None:
+                        del queue[name]
+                    else:
+                        proposed[name] = proposal
+                failures, passed = self.numeric.test({n: d for n, (d, _) in proposed.items()})
+                effects.update(passed)
+                for name, (dim, removed_by) in proposed.items():
+                    if name in failures:
+                        change = f"relative change {failures[name]:.2g}"
+                        reasons[name].append(
+                            f"dim={dim}: rescaling its groups changes the output ({change})"
+                        )
+                    else:
+                        accepted[name] = (dim, removed_by)
+                        del queue[name]
+        for name in reasons:
+            if name not in accepted:
+                decisions[name] = Decision(False, None, "; ".join(reasons[name]))
+                continue
+            dim, removed_by = accepted[name]
+            if effects[name] > self.numeric.effect_rtol:
+                decisions[name] = Decision(True, dim, _accepted_reason(removed_by))
+            else:
+                change = f"first-order relative change {effects[name]:.2g}"
+                reasons[name].append(f"dim={dim}: it has no effect on the output ({change})")
+                decisions[name] = Decision(False, None, "; ".join(reasons[name]))
+        return {name: decisions[name] for name in requests}
+
+    def _propose(
+        self, name: str, dims: list[int | None], reasons: list[str]
+    ) -> tuple[int | None, tuple[str, ...]] | None:
+        """The next grouping of ``dims`` (consumed) that passes the structural test and is a
+        point of the manifold, with the normalizations that remove its scale; None if none."""
+        while dims:
+            dim = dims.pop(0)
             removed_by: tuple[str, ...] = ()
-            with self.copy.random_state():
-                reason = None
-                if self.copy.graph_module is not None:
-                    verdict = self._structural(name, dim)
-                    reason, removed_by = verdict.reason, verdict.removed_by
-                if reason is None:
-                    reason = self.numeric.numeric_test(name, dim)
+            reason = not_a_point(self.copy.original(name), dim)
+            if reason is None and self.structural is not None:
+                verdict = self.structural(self.parameters[name], dim)
+                reason, removed_by = verdict.reason, verdict.removed_by
             if reason is None:
-                return Decision(True, dim, _accepted_reason(removed_by))
+                return dim, removed_by
             reasons.append(f"dim={dim}: {reason}")
-        return Decision(False, None, "; ".join(reasons))
+        return None
 
     def report(self, decisions: dict[str, Decision]) -> ScaleInvarianceReport:
         """``decisions`` with the notes on how the probe ran."""
@@ -94,9 +125,6 @@ class Probe:
             other_parameters=len(self.copy.names) - len(decisions),
             notes=tuple(notes),
         )
-
-    def _structural(self, name: str, dim: int | None):
-        return structural_test(self.copy.graph_module, self.copy.values, self.parameters[name], dim)
 
 
 def _accepted_reason(removed_by: tuple[str, ...]) -> str:

@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from .flow import (
+    CONSTANT_RTOL,
     Flow,
     Rejected,
     Removed,
@@ -124,6 +125,9 @@ def homogeneous(walk: Walk, node: fx.Node) -> State:
 
 def move(walk: Walk, node: fx.Node) -> State:
     """Data movement: the same operation applied to F and O."""
+    source = walk.state(node.args[0])
+    if node.target is operator.getitem and isinstance(source, tuple):
+        return source[node.args[1]]  # a piece of chunk/split/var_mean
     flows = [s for s in tree_flatten(walk.states_of(node.args))[0] if isinstance(s, Flow)]
     factor = walk.substitute(node, factor_of)
     offset = None
@@ -132,7 +136,28 @@ def move(walk: Walk, node: fx.Node) -> State:
     if isinstance(factor, (tuple, list)):
         offsets = offset if offset is not None else [None] * len(factor)
         return tuple(Flow(f, o) for f, o in zip(factor, offsets, strict=True))
-    return Flow(factor, offset)
+    return Flow(factor, offset, all(s.weight for s in flows))
+
+
+def shaped_like(walk: Walk, node: fx.Node) -> State:
+    """``x.reshape_as(y)``, ``view_as``, ``expand_as``: only the shape of ``y`` is used."""
+    flow = walk.state(node.args[0])
+    if flow is None:
+        return None
+    if not isinstance(flow, Flow):
+        return Rejected(f"cannot follow {node.op} {node.name!r}")
+    shape = walk.values[node].shape
+    if node.target == "expand_as":
+        return Flow(
+            flow.factor.expand(shape),
+            None if flow.offset is None else flow.offset.expand(shape),
+            flow.weight,
+        )
+    return Flow(
+        flow.factor.reshape(shape),
+        None if flow.offset is None else flow.offset.reshape(shape),
+        flow.weight,
+    )
 
 
 def concatenate(walk: Walk, node: fx.Node) -> State:
@@ -251,6 +276,8 @@ def normalized(
             return Rejected(f"a shift is not removed by the normalization {where(node)}")
         if not constant_along(offset, axes):
             return Rejected(f"a shift varies inside the normalized slices {where(node)}")
+    if flow.weight:
+        return Removed(f"weight standardization {where(node)}")
     if node.op == "call_module":
         return Removed(f"{node.target} ({type(walk.module(node)).__name__})")
     return Removed(f"{getattr(node.target, '__name__', node.target)}() at {node.name!r}")
@@ -338,22 +365,75 @@ def pool_module(walk: Walk, node: fx.Node) -> State:
     return pooled(walk, node, int(type(module).__name__[-2]), padded_average)
 
 
+def _other_inputs_depend(walk: Walk, node: fx.Node) -> bool:
+    return any(walk.state(n) is not None for n in node.all_input_nodes if n is not node.args[0])
+
+
+def _reduced_axes(node: fx.Node, rank: int) -> list[int]:
+    """The axes a reduction (``mean``, ``var``, ``std``...) of a rank-``rank`` tensor runs over."""
+    dims = argument(node, 1, "dim")
+    if dims is None or isinstance(dims, bool):  # var(x, unbiased) reduces over everything
+        return list(range(rank))
+    return sorted(d % rank for d in as_tuple(dims))
+
+
 def mean(walk: Walk, node: fx.Node) -> State:
     """``mean`` over axes along which F is constant."""
     flow = walk.state(node.args[0])
-    dims = argument(node, 1, "dim")
-    dims = list(range(flow.factor.dim())) if dims is None else list(as_tuple(dims))
-    if not constant_along(flow.factor, dims):
+    if not isinstance(flow, Flow) or _other_inputs_depend(walk, node):
+        return Rejected(f"used in the arguments of a mean {where(node)}")
+    if not constant_along(flow.factor, _reduced_axes(node, flow.factor.dim())):
         return Rejected(f"channels with different factors are averaged {where(node)}")
     factor = walk.substitute(node, factor_of)
     offset = None if flow.offset is None else walk.substitute(node, shift_of)
-    return Flow(factor, offset)
+    return Flow(factor, offset, flow.weight)
+
+
+def moment(walk: Walk, node: fx.Node, power: int, with_mean: bool = False) -> State:
+    r"""``var`` (``power=2``), ``std`` (1), ``var_mean``/``std_mean`` (``with_mean``) over axes
+    along which F and O are constant: :math:`F^{power}` times that of x, O removed."""
+    flow = walk.state(node.args[0])
+    if not isinstance(flow, Flow) or _other_inputs_depend(walk, node):
+        return Rejected(f"used in the arguments of a variance {where(node)}")
+    axes = _reduced_axes(node, flow.factor.dim())
+    if not constant_along(flow.factor, axes):
+        return Rejected(f"channels with different factors share a variance {where(node)}")
+    if flow.offset is not None and not constant_along(flow.offset, axes):
+        return Rejected(f"a shift varies inside the slices of a variance {where(node)}")
+    value = walk.values[node]
+    shape = (value[0] if with_mean else value).shape
+    factor = flow.factor.amax(dim=axes, keepdim=True).reshape(shape)
+    spread = Flow(factor**power)
+    if not with_mean:
+        return spread
+    offset = None
+    if flow.offset is not None:
+        offset = flow.offset.amax(dim=axes, keepdim=True).reshape(shape)
+    return spread, Flow(factor, offset, flow.weight)
+
+
+def power(walk: Walk, node: fx.Node, exponent: float | None = None) -> State:
+    r""":math:`x^p` (``sqrt``, ``rsqrt``, ``square``, ``pow`` by a number): :math:`F^p` if O = 0."""
+    flow = walk.state(node.args[0])
+    if exponent is None:
+        exponent = argument(node, 1, "exponent")
+    if not isinstance(flow, Flow) or not isinstance(exponent, (int, float)):
+        return Rejected(f"a power with an exponent computed from the weight {where(node)}")
+    if flow.offset is not None:
+        return Rejected(f"a shifted value is raised to a power {where(node)}")
+    return Flow(flow.factor**exponent)
 
 
 def add(walk: Walk, node: fx.Node) -> State:
-    """A sum: a tensor not computed from the weight adds to O; two flows need the same F."""
+    """A sum: a tensor not computed from the weight adds to O; two flows need the same F.
+
+    The ``eps`` added to a variance or a standard deviation before dividing by it (found
+    when tracing) is ignored, as the ``eps`` of the normalization layers is.
+    """
     first, second = (walk.state(a) for a in node.args[:2])
     flows = [s for s in (first, second) if isinstance(s, Flow)]
+    if node in walk.eps_additions:
+        return flows[0]
     if len(node.args) > 2 or node.kwargs:
         return Rejected(f"add with extra arguments {where(node)}")
     out_shape = walk.values[node].shape
@@ -362,29 +442,43 @@ def add(walk: Walk, node: fx.Node) -> State:
     ):
         return Rejected(f"added to a value scaled differently {where(node)}")
     factor = flows[0].factor.expand(out_shape)
-    return Flow(factor, walk.substitute(node, shift_of))
+    weight = all(f.weight for f in flows)
+    if len(flows) == 2 and all(f.offset is None for f in flows):
+        return Flow(factor, None, weight)
+    return Flow(factor, walk.substitute(node, shift_of), weight)
 
 
 def multiply(walk: Walk, node: fx.Node, divide: bool = False) -> State:
-    """A product: by a tensor not computed from the weight keeps F and multiplies O."""
+    """A product: by a tensor not computed from the weight keeps F and multiplies O.
+
+    Products and quotients of two values computed from the weight (without offsets) multiply
+    or divide their factors; where the factors cancel (a value divided by its standard
+    deviation: a standardization) the scale is removed.
+    """
     first, second = (walk.state(a) for a in node.args[:2])
     out_shape = walk.values[node].shape
-    if isinstance(second, Flow) and divide:
-        return Rejected(f"divided by a value computed from the weight {where(node)}")
     if isinstance(first, Flow) and isinstance(second, Flow):
         if first.offset is not None or second.offset is not None:
             return Rejected(f"product of shifted values {where(node)}")
-        return Flow((first.factor * second.factor).expand(out_shape))
+        factor = first.factor / second.factor if divide else first.factor * second.factor
+        if bool(((factor - 1).abs() <= CONSTANT_RTOL).all()):
+            kind = "weight standardization" if first.weight else "standardization"
+            return Removed(f"{kind} {where(node)}")
+        return Flow(factor.expand(out_shape))
+    if divide and isinstance(second, Flow):  # c / (F x): F^-1 (c / x)
+        if second.offset is not None:
+            return Rejected(f"divided by a shifted value {where(node)}")
+        return Flow(second.factor.reciprocal().expand(out_shape))
     flow = first if isinstance(first, Flow) else second
     offset = None
     if flow.offset is not None:
         offset = walk.substitute(node, shift_of)
-    return Flow(flow.factor.expand(out_shape), offset)
+    return Flow(flow.factor.expand(out_shape), offset, flow.weight)
 
 
 def negate(walk: Walk, node: fx.Node) -> State:
     flow = walk.state(node.args[0])
-    return Flow(flow.factor, None if flow.offset is None else -flow.offset)
+    return Flow(flow.factor, None if flow.offset is None else -flow.offset, flow.weight)
 
 
 # ------------------------------------------------------------------------------ the table
@@ -430,7 +524,16 @@ RULES: dict[object, Rule] = {
         for kind in ("max", "avg", "adaptive_avg", "adaptive_max")
         for d in (1, 2, 3)
     },
-    "mean": mean,
+    **dict.fromkeys((torch.mean, "mean"), mean),
+    # statistics and powers (weight standardization)
+    **dict.fromkeys((torch.var, "var"), functools.partial(moment, power=2)),
+    **dict.fromkeys((torch.std, "std"), functools.partial(moment, power=1)),
+    torch.var_mean: functools.partial(moment, power=2, with_mean=True),
+    torch.std_mean: functools.partial(moment, power=1, with_mean=True),
+    **dict.fromkeys((torch.sqrt, "sqrt"), functools.partial(power, exponent=0.5)),
+    **dict.fromkeys((torch.rsqrt, "rsqrt"), functools.partial(power, exponent=-0.5)),
+    **dict.fromkeys((torch.square, "square"), functools.partial(power, exponent=2)),
+    **dict.fromkeys((operator.pow, torch.pow, "pow"), power),
     # data movement
     **dict.fromkeys((nn.Identity, nn.Flatten, nn.Unflatten), move),
     **dict.fromkeys(
@@ -470,6 +573,7 @@ RULES: dict[object, Rule] = {
         ),
         move,
     ),
+    **dict.fromkeys(("reshape_as", "view_as", "expand_as"), shaped_like),
     **dict.fromkeys((torch.cat, torch.concat, torch.stack), concatenate),
     # shape queries
     getattr: shape_query,

@@ -8,6 +8,7 @@ the model's output and at least one normalization removed the scale.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -39,52 +40,100 @@ def weight_flow(weight: torch.Tensor, dim: int | None) -> Flow:
     if dim is not None:
         shape[dim] = groups
     factor = 2.0 ** (2 * torch.rand(groups, generator=generator, dtype=torch.float64) - 1)
-    return Flow(factor.to(weight.device).reshape(shape).expand(weight.shape))
+    return Flow(factor.to(weight.device).reshape(shape).expand(weight.shape), weight=True)
 
 
-def structural_test(
-    graph_module: fx.GraphModule,
-    values: dict[fx.Node, object],
-    weight: torch.Tensor,
-    dim: int | None,
-) -> Verdict:
-    """Follow ``weight``, grouped along ``dim``, through ``graph_module`` (see the module doc)."""
-    walk = Walk(graph_module, values, weight, weight_flow(weight, dim))
-    removed_by: list[str] = []
-    for node in graph_module.graph.nodes:
-        if node.op == "output":
-            for leaf in tree_flatten(walk.states_of(node.args))[0]:
-                if isinstance(leaf, Rejected):
-                    return Verdict(leaf.reason)
-                if isinstance(leaf, Flow):
+class StructuralTest:
+    """The structural test on one traced graph, for any weight and grouping.
+
+    Only the nodes computed from the weight are visited, in the graph's order; the walk stops
+    at the first value that no normalization can undo and that reaches the output.
+
+    Parameters
+    ----------
+    graph_module : torch.fx.GraphModule
+        the traced model
+    values : dict
+        the value of every node, recorded on the example inputs
+    eps_additions : set
+        the nodes that add an ``eps`` to a variance (ignored, as the ``eps`` of normalizations)
+    """
+
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        values: dict[fx.Node, object],
+        eps_additions: set[fx.Node],
+    ):
+        self.graph_module = graph_module
+        self.values = values
+        self.eps_additions = eps_additions
+        nodes = list(graph_module.graph.nodes)
+        self.order = {node: index for index, node in enumerate(nodes)}
+        self.owners: dict[int, list[fx.Node]] = {}
+        for node in nodes:
+            if node.op == "get_attr":
+                self.owners.setdefault(id(fetch(graph_module, node.target)), []).append(node)
+            elif node.op == "call_module":
+                for p in graph_module.get_submodule(node.target).parameters():
+                    self.owners.setdefault(id(p), []).append(node)
+        self.live = _reaching_output(nodes)
+
+    def __call__(self, weight: torch.Tensor, dim: int | None) -> Verdict:
+        """Follow ``weight``, grouped along ``dim`` (see the module documentation)."""
+        walk = Walk(self.graph_module, self.values, weight, weight_flow(weight, dim))
+        owners = self.owners.get(id(weight), [])
+        walk.owners = {n for n in owners if n.op == "call_module"}
+        walk.eps_additions = self.eps_additions
+        pending = [(self.order[n], n) for n in owners]
+        heapq.heapify(pending)
+        removed_by: list[str] = []
+        while pending:
+            _, node = heapq.heappop(pending)
+            if node in walk.states:
+                continue
+            if node.op == "output":
+                if any(isinstance(s, Flow) for s in tree_flatten(walk.states_of(node.args))[0]):
                     return Verdict("its scale reaches the model's output")
-            break
-        state = _state(walk, node)
-        if isinstance(state, Removed):
-            removed_by.append(state.where)
-            state = None
-        walk.states[node] = state
-    if not removed_by:
-        return Verdict("it reaches no normalization (no effect on the output)")
-    return Verdict(None, tuple(dict.fromkeys(removed_by)))
+                continue
+            state = _state(walk, node)
+            if isinstance(state, Rejected) and node in self.live:
+                return Verdict(state.reason)
+            if isinstance(state, Removed):
+                removed_by.append(state.where)
+                state = None
+            walk.states[node] = state
+            if isinstance(state, (Flow, tuple)):
+                for user in node.users:
+                    heapq.heappush(pending, (self.order[user], user))
+        if not removed_by:
+            return Verdict("it reaches no normalization (no effect on the output)")
+        return Verdict(None, tuple(dict.fromkeys(removed_by)))
+
+
+def _reaching_output(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The nodes from which a path leads to the output."""
+    live = {n for n in nodes if n.op == "output"}
+    for node in reversed(nodes):
+        if node in live:
+            live.update(node.all_input_nodes)
+    return live
 
 
 def _state(walk: Walk, node: fx.Node) -> State:
     """The state of ``node`` given those of its inputs."""
     if node.op == "get_attr":
         return walk.weight_flow if fetch(walk.graph_module, node.target) is walk.weight else None
-    if node.op == "placeholder":
-        return None
-    module = walk.module(node) if node.op == "call_module" else None
-    uses_weight = module is not None and any(p is walk.weight for p in module.parameters())
+    uses_weight = node in walk.owners
     inputs = [walk.states.get(n) for n in node.all_input_nodes]
     if not uses_weight and all(s is None for s in inputs):
         return None
     rejected = next((s for s in inputs if isinstance(s, Rejected)), None)
     if rejected is not None:
         return rejected
-    if uses_weight and linear_kind(module) is None:
-        return Rejected(f"used inside {type(module).__name__} at {node.op} {node.name!r}")
+    if uses_weight and linear_kind(walk.module(node)) is None:
+        name = type(walk.module(node)).__name__
+        return Rejected(f"used inside {name} at {node.op} {node.name!r}")
     rule = rule_for(walk, node)
     if rule is None:
         return unsupported(walk, node)

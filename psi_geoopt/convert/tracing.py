@@ -1,21 +1,33 @@
-"""The probed copy of a model: float64, training mode, traced with :mod:`torch.fx` where possible.
+r"""The probed copy of a model: float64, training mode, generic values, traced where possible.
 
 :func:`prepare` deep-copies the model (the model itself is never touched), moves the copy to
-float64 (or keeps the model's precision where float64 does not run), traces it, records every
-intermediate value on the example inputs, sets the ``eps`` of every normalization to
-:data:`NUMERIC_EPS` and lists the candidate weights: the ``weight`` of linear-map modules and the
-``weight`` argument of ``F.linear``/``F.conv*``.
+float64 (or keeps the model's precision where float64 does not run), traces it with
+:mod:`torch.fx`, lists the candidate weights (the ``weight`` of linear-map modules and the
+``weight`` argument of ``F.linear``/``F.conv*``), sets the ``eps`` of every normalization to
+:data:`NUMERIC_EPS` and runs it once on the example inputs, recording every intermediate value.
+
+Whether a weight is scale invariant must not depend on where in training the model is, but a
+parameter may be special at initialization: a bias or a BatchNorm shift that is zero (a
+per-channel bias of zero passes a LayerNorm over channels; any other does not), a BatchNorm
+scale zero-initialized at the end of a residual branch, a layer scale of ``1e-6`` (the weights
+before them seem to have no effect). So every trainable parameter of the copy that is not a
+candidate gets generic values: :math:`\pm U(1/2, 3/2)`, with random signs where the parameter
+has a negative entry, else positive. A candidate keeps its values (scaling them is what is
+tested), unless it is zero, which would hide the effect of the weights before it: it then gets
+:math:`N(0, 2/\text{fan-in})` values (and is still no point of the manifold). Frozen parameters
+(``requires_grad=False``) keep their values: they stay as they are.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .flow import argument
 from .rules import (
@@ -46,6 +58,12 @@ def fetch(module: nn.Module, target: str):
     return module
 
 
+def floating_leaves(output) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output, in order."""
+    leaves, _ = tree_flatten(output)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
 @dataclass
 class ProbeCopy:
     """A training-mode copy of a model to probe, traced where possible.
@@ -53,7 +71,9 @@ class ProbeCopy:
     ``graph_module`` and ``values`` (the value of every node on ``inputs``) are None where
     :mod:`torch.fx` cannot trace the model (``trace_error`` says why); ``precision_note`` says
     why the copy is not float64 where it is not. ``candidates`` maps each candidate weight, in
-    the model's parameter order, to the groupings to try, finest first.
+    the model's parameter order, to the groupings to try, finest first; ``zero_candidates``
+    holds the original values of the candidates that were zero. ``baseline`` is the output on
+    ``inputs`` (its floating-point leaves), ``parameters`` those of ``module`` by name.
     """
 
     model_name: str
@@ -66,15 +86,19 @@ class ProbeCopy:
     trace_error: str | None = None
     precision_note: str | None = None
     candidates: dict[str, Groupings] = field(default_factory=dict)
+    eps_additions: set[fx.Node] = field(default_factory=set)
+    zero_candidates: dict[str, torch.Tensor] = field(default_factory=dict)
     has_normalization: bool = False
+    baseline: list[torch.Tensor] = field(default_factory=list)
+    parameters: dict[str, nn.Parameter] = field(default_factory=dict)
 
     @property
     def forward(self) -> nn.Module:
         return self.graph_module if self.graph_module is not None else self.module
 
-    @property
-    def parameters(self) -> dict[str, nn.Parameter]:
-        return dict(self.module.named_parameters())
+    def original(self, name: str) -> torch.Tensor:
+        """The value of parameter ``name`` in the model (before any generic values)."""
+        return self.zero_candidates.get(name, self.parameters[name].detach())
 
     def random_state(self):
         """A context that restores the global random state (CPU and the model's GPUs)."""
@@ -82,22 +106,50 @@ class ProbeCopy:
 
 
 class _Recorder(fx.Interpreter):
-    """Runs a traced module and keeps a copy of every intermediate value."""
+    """Runs a traced module and keeps every intermediate value.
 
-    def __init__(self, module: fx.GraphModule):
+    Values are kept as they are, with their version counters; ``copies=True`` keeps copies
+    instead, for graphs where some operation changes a value in place after it is recorded.
+    """
+
+    def __init__(self, module: fx.GraphModule, copies: bool):
         super().__init__(module, garbage_collect_values=False)
         self.values: dict[fx.Node, object] = {}
+        self.versions: list[tuple[torch.Tensor, int]] = []
+        self.copies = copies
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
-        self.values[n] = tree_map(
-            lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, result
-        )
+        self.values[n] = tree_map(self._keep, result)
         return result
+
+    def _keep(self, value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if self.copies:
+            return value.detach().clone()
+        self.versions.append((value, value._version))
+        return value.detach()
+
+    def changed_in_place(self) -> bool:
+        return any(t._version != version for t, version in self.versions)
+
+
+_IN_PLACE = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
 
 
 def prepare(model: nn.Module, example_inputs: Inputs) -> ProbeCopy:
-    """The probed copy of ``model`` (see the module documentation)."""
+    """The probed copy of ``model`` (see the module documentation).
+
+    Tried in turn until one runs: float64 and traced, float64 untraced (``torch.fx`` fails, or
+    the traced copy does not run), the model's own precision traced, then untraced; where
+    none runs, the model's own error is raised.
+    """
     check_model("find_scale_invariant", model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -108,112 +160,315 @@ def prepare(model: nn.Module, example_inputs: Inputs) -> ProbeCopy:
             "find_scale_invariant: `example_inputs` must be a Tensor or a tuple of Tensors, "
             f"got {type(example_inputs).__name__}"
         )
-    devices = {p.device for p in model.parameters()}
-    probe = ProbeCopy(
-        model_name=type(model).__name__,
-        names=[name for name, _ in model.named_parameters()],
-        module=_copy(model).double().train(),
-        inputs=tuple(t.double() if t.is_floating_point() else t for t in example_inputs),
-        cuda_devices=sorted(d.index or 0 for d in devices if d.type == "cuda"),
-    )
-    with probe.random_state():
-        try:
-            probe.module(*probe.inputs)
-        except Exception as error:
-            # e.g. float32 tensors made inside forward: probe in the model's own precision
-            probe.module, probe.inputs = _copy(model).train(), example_inputs
-            probe.precision_note = f"{type(error).__name__}: {error}".splitlines()[0]
-            try:
-                probe.module(*probe.inputs)
-            except Exception as own_error:  # the model's own error, not a float64 artefact
-                raise RuntimeError(
-                    f"find_scale_invariant: the forward pass of {probe.model_name} on "
-                    f"`example_inputs` failed ({type(own_error).__name__}: {own_error})"
-                ) from own_error
-        _trace(probe)
-    for module in probe.module.modules():
-        if isinstance(module, NORMALIZATION_MODULES):
-            module.eps = NUMERIC_EPS
-    probe.candidates = _candidates(probe)
-    probe.has_normalization = _has_normalization(probe)
-    return probe
-
-
-def _trace(probe: ProbeCopy) -> None:
-    """Trace ``probe.module``, record its values and set the ``eps`` of functional norms."""
-    try:
-        graph_module = fx.symbolic_trace(probe.module)
-        recorder = _Recorder(graph_module)
-        torch.manual_seed(SEED)
-        recorder.run(*probe.inputs)
-    except Exception as error:
-        probe.trace_error = f"{type(error).__name__}: {error}".splitlines()[0]
+    precision_note = None
+    for double in (True, False):
+        probe, error = _attempt(model, example_inputs, double, traced=True)
+        if error is not None and probe.graph_module is not None:  # the traced copy fails
+            trace_error = _describe(error)
+            probe, error = _attempt(model, example_inputs, double, traced=False)
+            probe.trace_error = trace_error
+        if error is None:
+            break
+        precision_note = _describe(error)  # e.g. float32 tensors made inside forward
+    if error is not None:  # the model's own error, not a float64 or tracing artefact
+        raise RuntimeError(
+            f"find_scale_invariant: the forward pass of {probe.model_name} on "
+            f"`example_inputs` failed ({type(error).__name__}: {error})"
+        ) from error
+    if probe.graph_module is None:
         warnings.warn(
             f"find_scale_invariant: torch.fx cannot trace {probe.model_name} "
             f"({probe.trace_error}); deciding from the numeric probe only",
             stacklevel=5,
         )
-        return
+    probe.precision_note = None if double else precision_note
+    return probe
+
+
+def _attempt(
+    model: nn.Module, example_inputs: tuple, double: bool, traced: bool
+) -> tuple[ProbeCopy, Exception | None]:
+    probe = _build(model, example_inputs, double, traced)
+    uses = _weight_uses(probe)
+    _set_generic_values(probe, {use.name for use in uses})
+    _set_eps(probe)
+    with probe.random_state():
+        error = _first_run(probe)
+    if error is None:
+        probe.candidates = _candidates(probe, uses)
+        probe.has_normalization = _has_normalization(probe)
+    return probe, error
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def _build(model: nn.Module, example_inputs: tuple, double: bool, traced: bool) -> ProbeCopy:
+    """A copy of ``model`` in training mode, traced if ``traced``, ready to run."""
+    devices = {p.device for p in model.parameters()}
+    module = _copy(model, torch.float64 if double else None).train()
+    _out_of_place(module)
+    inputs = example_inputs
+    if double:
+        inputs = tuple(t.double() if t.is_floating_point() else t for t in example_inputs)
+    probe = ProbeCopy(
+        model_name=type(model).__name__,
+        names=[name for name, _ in model.named_parameters()],
+        module=module,
+        inputs=inputs,
+        cuda_devices=sorted(d.index or 0 for d in devices if d.type == "cuda"),
+        parameters=dict(module.named_parameters()),
+    )
+    if traced:
+        try:
+            probe.graph_module = fx.symbolic_trace(module)
+        except Exception as error:
+            probe.trace_error = _describe(error)
+        else:
+            _graph_out_of_place(probe.graph_module)
+    return probe
+
+
+def _first_run(probe: ProbeCopy) -> Exception | None:
+    """Run the copy once, seed fixed: record its values and output; the error where it fails."""
+    torch.manual_seed(SEED)
+    try:
+        if probe.graph_module is None:
+            with torch.no_grad():
+                output = probe.module(*probe.inputs)
+        else:
+            recorder = _Recorder(probe.graph_module, copies=False)
+            with torch.no_grad():
+                output = recorder.run(*probe.inputs)
+            if recorder.changed_in_place():  # an in-place operation the copy still has
+                recorder = _Recorder(probe.graph_module, copies=True)
+                torch.manual_seed(SEED)
+                with torch.no_grad():
+                    output = recorder.run(*probe.inputs)
+            probe.values = recorder.values
+    except Exception as error:
+        return error
+    probe.baseline = floating_leaves(output)
+    return None
+
+
+def _set_generic_values(probe: ProbeCopy, weights: set[str]) -> None:
+    """Generic values for the parameters that may be special now (see the module doc);
+    ``weights``: the weights of linear maps, which keep their values unless they are zero."""
+    generator = torch.Generator().manual_seed(SEED + 3)
+    with torch.no_grad():
+        for name, p in probe.module.named_parameters():
+            if not p.requires_grad or not p.is_floating_point() or p.numel() == 0:
+                continue
+            if name in weights:
+                if not p.any():
+                    probe.zero_candidates[name] = p.detach().clone()
+                    fan_in = p[0].numel() if p.dim() > 1 else 1
+                    values = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+                    p.copy_(values * (2.0 / fan_in) ** 0.5)
+                continue
+            values = 0.5 + torch.rand(p.shape, generator=generator, dtype=torch.float64)
+            if bool((p < 0).any()):
+                signs = torch.randint(0, 2, p.shape, generator=generator, dtype=torch.float64)
+                values = values * (2 * signs - 1)
+            p.copy_(values)
+
+
+def _out_of_place(module: nn.Module) -> None:
+    """Modules of the copy compute out of place (``inplace=False``): recorded values stay."""
+    for m in module.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
+
+
+def _graph_out_of_place(graph_module: fx.GraphModule) -> None:
+    """``x += y`` and ``F.relu(x, inplace=True)`` in the traced graph become out of place."""
     for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in _IN_PLACE:
+            node.target = _IN_PLACE[node.target]
+        if node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+
+
+def _set_eps(probe: ProbeCopy) -> None:
+    """Set to ``NUMERIC_EPS`` the ``eps`` of normalization modules, of linear-map modules that
+    standardize their weight (a float ``eps`` attribute, as timm's ``StdConv2d``), of traced
+    functional normalizations and the ``eps`` added to a variance in the traced graph."""
+    for module in probe.module.modules():
+        if isinstance(module, NORMALIZATION_MODULES) or (
+            linear_kind(module) is not None and isinstance(getattr(module, "eps", None), float)
+        ):
+            module.eps = NUMERIC_EPS
+    if probe.graph_module is None:
+        return
+    for node in probe.graph_module.graph.nodes:
         if node.op == "call_function" and node.target in NORMALIZATION_EPS:
             position = NORMALIZATION_EPS[node.target]
             if len(node.args) > position:
                 node.args = (*node.args[:position], NUMERIC_EPS, *node.args[position + 1 :])
             else:
                 node.kwargs = {**node.kwargs, "eps": NUMERIC_EPS}
-    graph_module.recompile()
-    probe.graph_module, probe.values = graph_module, recorder.values
+        elif _is_eps_addition(node):
+            node.args = tuple(NUMERIC_EPS if isinstance(a, (int, float)) else a for a in node.args)
+            probe.eps_additions.add(node)
+    probe.graph_module.recompile()
 
 
-def _candidates(probe: ProbeCopy) -> dict[str, Groupings]:
-    """Candidate weight name → the groupings to try, finest first."""
-    by_id = {id(p): name for name, p in probe.module.named_parameters()}
-    found: dict[str, Groupings] = {}
+_ADDITIONS = {operator.add, torch.add, "add"}
+_MOMENTS = {torch.var, torch.std, "var", "std"}
+_MOMENTS_WITH_MEAN = {torch.var_mean, torch.std_mean}
+MAX_EPS = 1e-2
+"""The largest number added to a variance that counts as its ``eps``."""
 
-    def add(weight, kind: str, groups: int) -> None:
-        name = by_id.get(id(weight))
-        if name is not None:
-            channel = {"linear": 0, "conv": 0, "conv_transpose": 1}[kind]
-            if kind == "conv_transpose" and groups != 1:
-                found.setdefault(name, (None,))
-            else:
-                found.setdefault(name, (channel, None))
 
+def _is_eps_addition(node: fx.Node) -> bool:
+    """``spread + eps``: a number in (0, ``MAX_EPS``] added to a variance or standard deviation.
+
+    A spread is the result of ``var``/``std`` (or of ``var_mean``/``std_mean``), the ``mean``
+    of a square, or the square root of a spread.
+    """
+    if node.op not in ("call_function", "call_method") or node.target not in _ADDITIONS:
+        return False
+    if len(node.args) != 2 or node.kwargs:
+        return False
+    numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    others = [a for a in node.args if isinstance(a, fx.Node)]
+    return (
+        len(numbers) == 1
+        and 0 < numbers[0] <= MAX_EPS
+        and len(others) == 1
+        and (_is_spread(others[0]))
+    )
+
+
+def _is_spread(node: fx.Node, depth: int = 0) -> bool:
+    if depth > 3 or node.op not in ("call_function", "call_method"):
+        return False
+    target, args = node.target, node.args
+    if target in _MOMENTS:
+        return True
+    if target is operator.getitem and isinstance(args[0], fx.Node):
+        return args[0].target in _MOMENTS_WITH_MEAN and args[1] == 0
+    if target in (torch.sqrt, "sqrt"):
+        return _is_spread(args[0], depth + 1)
+    if target in (torch.mean, "mean") and isinstance(args[0], fx.Node):
+        square = args[0]
+        if square.target in (torch.square, "square"):
+            return True
+        if square.target in (operator.pow, torch.pow, "pow"):
+            return len(square.args) > 1 and square.args[1] == 2
+        return square.target in (operator.mul, torch.mul, "mul") and (
+            len(square.args) == 2 and square.args[0] is square.args[1]
+        )
+    return False
+
+
+@dataclass(frozen=True)
+class _WeightUse:
+    """A parameter used as the weight of a linear map, directly or through a computation that
+    does not depend on the inputs (``argument``: the computed weight, as weight
+    standardization computes it)."""
+
+    name: str
+    kind: str
+    groups: int
+    argument: fx.Node | None = None
+
+
+def _weight_uses(probe: ProbeCopy) -> list[_WeightUse]:
+    """The weights of the linear maps of the copy: candidates once their shapes are known."""
+    by_id = {id(p): name for name, p in probe.parameters.items()}
+    uses = []
     if probe.graph_module is None:
         for module in probe.module.modules():
             kind = linear_kind(module)
-            if kind is not None:
-                add(module.weight, kind, getattr(module, "groups", 1))
-    else:
-        for node in probe.graph_module.graph.nodes:
-            if node.op == "call_module":
-                module = probe.graph_module.get_submodule(node.target)
-                kind = linear_kind(module)
-                if kind is not None:
-                    add(module.weight, kind, getattr(module, "groups", 1))
-            elif node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
-                weight = argument(node, 1, "weight")
-                if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                    kind = LINEAR_FUNCTIONS[node.target]
-                    groups = argument(node, 6, "groups", 1) if kind != "linear" else 1
-                    add(fetch(probe.graph_module, weight.target), kind, groups)
+            if kind is not None and id(module.weight) in by_id:
+                uses.append(
+                    _WeightUse(
+                        by_id[id(module.weight)], kind, module.groups if kind != "linear" else 1
+                    )
+                )
+        return uses
+    for node in probe.graph_module.graph.nodes:
+        if node.op == "call_module":
+            module = probe.graph_module.get_submodule(node.target)
+            kind = linear_kind(module)
+            if kind is not None and id(module.weight) in by_id:
+                groups = getattr(module, "groups", 1)
+                uses.append(_WeightUse(by_id[id(module.weight)], kind, groups))
+        elif node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
+            kind = LINEAR_FUNCTIONS[node.target]
+            groups = argument(node, 6, "groups", 1) if kind != "linear" else 1
+            weight = argument(node, 1, "weight")
+            sources = _sources(weight) if isinstance(weight, fx.Node) else []
+            parameters = [fetch(probe.graph_module, s.target) for s in sources]
+            parameters = [p for p in parameters if id(p) in by_id]
+            if parameters:  # the largest: the weight, not a gain multiplying it
+                largest = max(parameters, key=lambda p: p.numel())
+                computed = None if weight.op == "get_attr" else weight
+                uses.append(_WeightUse(by_id[id(largest)], kind, groups, computed))
+    return uses
+
+
+def _sources(node: fx.Node, limit: int = 64) -> list[fx.Node]:
+    """The ``get_attr`` nodes ``node`` is computed from; none where it depends on an input."""
+    seen, stack, found = set(), [node], []
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder" or len(seen) > limit:
+            return []
+        if current.op == "get_attr":
+            found.append(current)
+        else:
+            stack.extend(current.all_input_nodes)
+    return found
+
+
+def _candidates(probe: ProbeCopy, uses: list[_WeightUse]) -> dict[str, Groupings]:
+    """Candidate weight name → the groupings to try, finest first."""
+    found: dict[str, Groupings] = {}
+    for use in uses:
+        if use.argument is not None:  # computed: a candidate where it has the weight's shape
+            value = probe.values[use.argument]
+            if getattr(value, "shape", None) != probe.parameters[use.name].shape:
+                continue
+        if use.kind == "conv_transpose" and use.groups != 1:
+            found.setdefault(use.name, (None,))
+        else:
+            found.setdefault(use.name, ({"conv_transpose": 1}.get(use.kind, 0), None))
     return {name: found[name] for name in probe.names if name in found}
 
 
 def _has_normalization(probe: ProbeCopy) -> bool:
+    """Whether anything in the copy may remove a scale: a normalization module or function, a
+    variance (traced), a linear-map module with an ``eps`` (untraced)."""
     if any(isinstance(m, NORMALIZATION_MODULES) for m in probe.module.modules()):
         return True
     if probe.graph_module is None:
-        return False
+        return any(linear_kind(m) is not None and hasattr(m, "eps") for m in probe.module.modules())
     return any(
-        n.op == "call_function" and n.target in NORMALIZATION_EPS
+        n.target in NORMALIZATION_EPS or n.target in _MOMENTS or n.target in _MOMENTS_WITH_MEAN
         for n in probe.graph_module.graph.nodes
+        if n.op in ("call_function", "call_method")
     )
 
 
-def _copy(model: nn.Module) -> nn.Module:
+def _copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A deep copy of ``model``; its floating-point parameters and buffers in ``dtype``."""
+    memo: dict[int, object] = {}
+    if dtype is not None:  # made in dtype directly: no copy in the model's own dtype first
+        for p in model.parameters():
+            if p.is_floating_point():
+                memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+        for b in model.buffers():
+            if b.is_floating_point():
+                memo[id(b)] = b.detach().to(dtype, copy=True)
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except Exception as error:
         raise TypeError(
             f"find_scale_invariant: cannot deep-copy {type(model).__name__} to probe it: {error}"
