@@ -2,13 +2,20 @@ r"""The numeric test: rescale groups of weights of the probed copy and compare i
 
 Every forward pass runs with the random seed fixed (dropout draws the same masks). A set of
 groupings passes when multiplying every group by its own factor :math:`10^{U(-2, 2)}`, all
-weights at once, changes no output by more than ``invariance_rtol`` times its largest entry;
-where a set fails, it is split in halves until the weights that fail are found (a failing
-weight among :math:`n` costs about :math:`2 \log_2 n` forward passes).
+weights at once, changes no output by more than ``invariance_rtol`` times its largest entry.
 
-A weight has an effect on the output when the gradient :math:`g` of
+The same pass gives, by one backward pass, the gradient :math:`g` of
 :math:`L = \sum_j \langle r_j, y_j \rangle / \max |y_j|` (:math:`y_j` the outputs, :math:`r_j`
-standard normal) does not vanish: rotating each group :math:`w_k` by an angle :math:`\theta`
+standard normal) with respect to every weight. By Euler's theorem the radial derivative
+:math:`\langle g_k, w_k \rangle` of an invariant group vanishes at every point; where
+:math:`|\langle g_k, w_k \rangle| / (\|w_k\| \max_j \|g_j\|)` exceeds ``radial_rtol`` for
+some group, the weight is not invariant for that grouping, and the others are tested again
+without it. Where no radial derivative shows but the outputs changed, the set is split in
+halves until the weights that fail are found (a failing weight among :math:`n` costs about
+:math:`2 \log_2 n` forward passes).
+
+A weight has an effect on the output when :math:`g` does not vanish: rotating each group
+:math:`w_k` by an angle :math:`\theta`
 towards :math:`g_k` changes :math:`L` by :math:`\theta \sum_k \|w_k\| \|g_k\|` to first order, so
 :math:`e = \theta \sum_k \|w_k\| \|g_k\| / \|r\|`, with :math:`\theta = 0.3`, is at first order
 a lower bound on the change of the outputs (relative to their largest entries, in the
@@ -19,6 +26,7 @@ Euclidean norm). One backward pass gives it for every weight; a weight with
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,9 +36,11 @@ from .tracing import SEED, ProbeCopy, floating_leaves
 SCALE_DECADES = 2.0
 ROTATION = 0.3
 INVARIANCE_RTOL = 1e-7
+RADIAL_RTOL = 1e-8
 EFFECT_RTOL = 1e-6
 LOW_INVARIANCE_RTOL = 1e-4
 """Where float64 does not run."""
+LOW_RADIAL_RTOL = 1e-3
 LOW_EFFECT_RTOL = 1e-3
 
 
@@ -52,28 +62,41 @@ class NumericProbe:
         self.parameters = probe.parameters
         self.baseline = probe.baseline
         if probe.precision_note is None:
-            self.invariance_rtol, self.effect_rtol = INVARIANCE_RTOL, EFFECT_RTOL
+            self.invariance_rtol, self.radial_rtol = INVARIANCE_RTOL, RADIAL_RTOL
+            self.effect_rtol = EFFECT_RTOL
         else:
-            self.invariance_rtol, self.effect_rtol = LOW_INVARIANCE_RTOL, LOW_EFFECT_RTOL
+            self.invariance_rtol, self.radial_rtol = LOW_INVARIANCE_RTOL, LOW_RADIAL_RTOL
+            self.effect_rtol = LOW_EFFECT_RTOL
 
-    def test(
-        self, groupings: Mapping[str, int | None]
-    ) -> tuple[dict[str, float], dict[str, float]]:
-        """The weights of ``groupings`` whose rescaling changes the output (name → relative
-        change), and the effects of the others (name → first-order effect, see the module doc).
+    def test(self, groupings: Mapping[str, int | None]) -> tuple[dict[str, str], dict[str, float]]:
+        """The weights of ``groupings`` that fail (name → reason), and the effects of the others
+        (name → first-order effect, see the module documentation).
 
-        All are rescaled at once, and their effects measured there (one forward and backward
-        pass); a set that fails is split in halves, down to single weights, and the effects of
-        the weights that pass are then measured at their own values.
+        All are rescaled at once, with the gradients there (one forward and backward pass).
+        A weight whose radial derivative does not vanish is not invariant: it fails, and the
+        others are tested again without it. Where none does but the output changed, the set is
+        split in halves until the failing weights are found.
         """
         if not groupings:
             return {}, {}
-        change, effects = self.rescale(groupings, effects_of=groupings)
-        if change <= self.invariance_rtol:
-            return {}, effects
-        failures = self._split(groupings, change)
-        passed = {name: dim for name, dim in groupings.items() if name not in failures}
-        return failures, self.rescale({}, effects_of=passed)[1] if passed else {}
+        measured = self.rescale(groupings, gradients=True)
+        effects = {name: measured.effect(name, dim) for name, dim in groupings.items()}
+        radial = {name: measured.radial(name, dim) for name, dim in groupings.items()}
+        failures = {  # the radial derivative of a weight without effect is rounding noise
+            name: f"rescaling its groups changes the output (radial derivative {value:.2g})"
+            for name, value in radial.items()
+            if effects[name] > self.effect_rtol and not value <= self.radial_rtol
+        }
+        if failures:
+            rest = {name: dim for name, dim in groupings.items() if name not in failures}
+            more, effects = self.test(rest)
+            return {**failures, **more}, effects
+        if measured.change > self.invariance_rtol:
+            failures = {
+                name: f"rescaling its groups changes the output (relative change {change:.2g})"
+                for name, change in self._split(groupings, measured.change).items()
+            }
+        return failures, {name: e for name, e in effects.items() if name not in failures}
 
     def _split(self, groupings: Mapping[str, int | None], change: float) -> dict[str, float]:
         """The failing weights of ``groupings``, whose joint rescaling changed the output."""
@@ -82,23 +105,19 @@ class NumericProbe:
         items = list(groupings.items())
         failures = {}
         for half in (dict(items[: len(items) // 2]), dict(items[len(items) // 2 :])):
-            half_change = self.rescale(half)[0]
+            half_change = self.rescale(half).change
             if half_change > self.invariance_rtol:
                 failures.update(self._split(half, half_change))
         return failures
 
-    def rescale(
-        self,
-        groupings: Mapping[str, int | None],
-        effects_of: Mapping[str, int | None] | None = None,
-    ) -> tuple[float, dict[str, float]]:
-        """The relative change of the outputs when every group of ``groupings`` is multiplied by
-        its own random factor, and the effects of the weights ``effects_of`` at that point
-        (``max |y - y_ref| / max |y_ref|`` over the outputs; inf where one is not finite)."""
+    def rescale(self, groupings: Mapping[str, int | None], gradients: bool = False) -> Measurement:
+        """Multiply every group of ``groupings`` by its own random factor and run the copy: the
+        relative change of the outputs (``max |y - y_ref| / max |y_ref|`` over the outputs, inf
+        where one is not finite) and, where ``gradients``, the gradients there of a random
+        projection of the outputs with respect to the weights. The weights are then restored."""
         generator = torch.Generator().manual_seed(SEED)
         originals = {name: self.parameters[name].data for name in groupings}
-        effects_of = effects_of or {}
-        weights = [self.parameters[name] for name in effects_of]
+        weights = [self.parameters[name] for name in groupings] if gradients else []
         flags = [w.requires_grad for w in weights]
         try:
             for name, dim in groupings.items():
@@ -111,45 +130,66 @@ class NumericProbe:
             for weight in weights:
                 weight.requires_grad_(True)
             torch.manual_seed(SEED)
-            with torch.set_grad_enabled(bool(weights)):
+            with torch.set_grad_enabled(gradients):
                 outputs = floating_leaves(self.forward(*self.inputs))
-            change = _largest_change(outputs, self.baseline)
-            if not weights or not change <= self.invariance_rtol:
-                return change, {}
-            return change, self._effects(effects_of, outputs)
+            measured = Measurement(_largest_change(outputs, self.baseline))
+            if gradients:
+                self._differentiate(measured, dict(zip(groupings, weights, strict=True)), outputs)
+            return measured
         finally:
             for weight, flag in zip(weights, flags, strict=True):
                 weight.requires_grad_(flag)
             for name, original in originals.items():
                 self.parameters[name].data = original
 
-    def _effects(
-        self, groupings: Mapping[str, int | None], outputs: list[torch.Tensor]
-    ) -> dict[str, float]:
-        """The effect of each weight of ``groupings`` from one backward pass from ``outputs``."""
+    def _differentiate(
+        self, measured: Measurement, weights: dict[str, torch.Tensor], outputs: list[torch.Tensor]
+    ) -> None:
+        """Fill ``measured`` with the gradients of :math:`L` (see the module documentation)."""
         generator = torch.Generator().manual_seed(SEED + 2)
-        loss, norm = None, 0.0
+        loss, squares = None, 0.0
         for y, reference in zip(outputs, self.baseline, strict=True):
             if y.requires_grad and y.numel():
                 r = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y)
                 scale = reference.abs().max().clamp_min(torch.finfo(y.dtype).tiny)
                 term = (r * y).sum() / scale
                 loss = term if loss is None else loss + term
-                norm += float(r.square().sum())
-        if loss is None:
-            return dict.fromkeys(groupings, 0.0)
-        weights = [self.parameters[name] for name in groupings]
-        gradients = torch.autograd.grad(loss, weights, allow_unused=True)
-        effects = {}
-        for (name, dim), weight, gradient in zip(
-            groupings.items(), weights, gradients, strict=True
-        ):
-            if gradient is None:
-                effects[name] = 0.0
-            else:
-                w, g = _group_rows(weight.detach(), dim), _group_rows(gradient, dim)
-                effects[name] = ROTATION * float((w.norm(dim=1) * g.norm(dim=1)).sum()) / norm**0.5
-        return effects
+                squares += float(r.square().sum())
+        measured.projection_norm = squares**0.5
+        gradients = [None] * len(weights)
+        if loss is not None:
+            gradients = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+        for (name, weight), gradient in zip(weights.items(), gradients, strict=True):
+            point = weight.detach()
+            measured.points[name] = point
+            measured.gradients[name] = torch.zeros_like(point) if gradient is None else gradient
+
+
+@dataclass
+class Measurement:
+    """One run of the probed copy with weights rescaled: the relative change of the outputs,
+    and (where asked) the weights there and the gradients of :math:`L` at them."""
+
+    change: float
+    points: dict[str, torch.Tensor] = field(default_factory=dict)
+    gradients: dict[str, torch.Tensor] = field(default_factory=dict)
+    projection_norm: float = 0.0
+
+    def radial(self, name: str, dim: int | None) -> float:
+        r"""The largest radial derivative of a group, :math:`|\langle g_k, w_k \rangle| /
+        (\|w_k\| \max_j \|g_j\|)`: zero, up to rounding, for a grouping that is invariant."""
+        w, g = _group_rows(self.points[name], dim), _group_rows(self.gradients[name], dim)
+        largest = g.norm(dim=1).max()
+        if not largest > 0:
+            return 0.0
+        return float(((w * g).sum(dim=1).abs() / (w.norm(dim=1) * largest)).max())
+
+    def effect(self, name: str, dim: int | None) -> float:
+        r""":math:`e = \theta \sum_k \|w_k\| \|g_k\| / \|r\|` (see the module documentation)."""
+        if not self.projection_norm > 0:
+            return 0.0
+        w, g = _group_rows(self.points[name], dim), _group_rows(self.gradients[name], dim)
+        return ROTATION * float((w.norm(dim=1) * g.norm(dim=1)).sum()) / self.projection_norm
 
 
 def _largest_change(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:

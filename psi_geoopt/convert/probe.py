@@ -73,10 +73,7 @@ class Probe:
                 effects.update(passed)
                 for name, (dim, removed_by) in proposed.items():
                     if name in failures:
-                        change = f"relative change {failures[name]:.2g}"
-                        reasons[name].append(
-                            f"dim={dim}: rescaling its groups changes the output ({change})"
-                        )
+                        reasons[name].append(f"dim={dim}: {failures[name]}")
                     else:
                         accepted[name] = (dim, removed_by)
                         del queue[name]

@@ -81,11 +81,12 @@ def test_weights_are_tested_one_by_one_where_every_joint_rescaling_fails(monkeyp
     rescale = NumericProbe.rescale
     calls = []
 
-    def joint_fails(self, groupings, effects_of=None):
+    def joint_fails(self, groupings, gradients=False):
         calls.append(len(groupings))
+        measured = rescale(self, groupings, gradients)
         if len(groupings) > 1:
-            return float("inf"), {}
-        return rescale(self, groupings, effects_of)
+            measured.change = float("inf")
+        return measured
 
     monkeypatch.setattr(NumericProbe, "rescale", joint_fails)
     model, inputs, truth = build("mixed")
@@ -98,11 +99,12 @@ def test_bisection_finds_a_failing_weight_in_logarithmically_many_passes(monkeyp
     rescale = NumericProbe.rescale
     calls = []
 
-    def one_fails(self, groupings, effects_of=None):
+    def one_fails(self, groupings, gradients=False):
         calls.append(sorted(groupings))
+        measured = rescale(self, groupings, gradients)
         if "conv_relu_bn.weight" in groupings:
-            return 1.0, {}
-        return rescale(self, groupings, effects_of)
+            measured.change = 1.0
+        return measured
 
     monkeypatch.setattr(NumericProbe, "rescale", one_fails)
     model, inputs, truth = build("mixed")
@@ -111,7 +113,7 @@ def test_bisection_finds_a_failing_weight_in_logarithmically_many_passes(monkeyp
     assert report.found == truth
     reason = report.decisions["conv_relu_bn.weight"].reason
     assert reason.count("rescaling its groups changes the output (relative change 1)") == 2
-    rescalings = [c for c in calls if c]  # the other passes measure effects only
+    rescalings = calls
     first_round = len(truth) + 1
     # the joint pass, two halves per level, the dim=None round of the failing weight
     assert len(rescalings) <= 1 + 2 * math.ceil(math.log2(first_round)) + 1
@@ -194,7 +196,7 @@ def test_normalization_eps_does_not_hide_invariance():
     model, inputs = Tiny(), torch.randn(6, 3, 6, 6)
     probe = Probe(model, inputs)
     probe.copy.module.bn.eps = 1e-5  # what the probe would see without its eps
-    assert probe.numeric.rescale({"conv.weight": 0})[0] > 1e-2  # eps alone would say "no"
+    assert probe.numeric.rescale({"conv.weight": 0}).change > 1e-2  # eps alone would say "no"
     assert find_scale_invariant(model, inputs) == {"conv.weight": 0, "functional.weight": 0}
 
 
