@@ -155,6 +155,13 @@ def channel_factors(factor: torch.Tensor, kind: str, groups: int) -> torch.Tenso
     return factor.amax(dim=rest) if rest else factor
 
 
+def fetch(module: nn.Module, target: str):
+    """The attribute of ``module`` at the dotted path ``target``."""
+    for atom in target.split("."):
+        module = getattr(module, atom)
+    return module
+
+
 def argument(node: fx.Node, position: int, keyword: str, default=None):
     """The argument of ``node`` given at ``position`` or as ``keyword``."""
     if len(node.args) > position:

@@ -15,9 +15,9 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
-from .flow import Flow, Rejected, Removed, State, Walk
+from .flow import Flow, Rejected, Removed, State, Walk, fetch
 from .rules import linear_kind, rule_for, unsupported
-from .tracing import SEED, fetch
+from .tracing import SEED
 
 
 @dataclass(frozen=True)

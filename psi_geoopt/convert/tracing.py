@@ -29,13 +29,8 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .flow import argument
-from .rules import (
-    LINEAR_FUNCTIONS,
-    NORMALIZATION_EPS,
-    NORMALIZATION_MODULES,
-    linear_kind,
-)
+from .candidates import Groupings, candidates, has_normalization, is_eps_addition, weight_uses
+from .rules import NORMALIZATION_EPS, NORMALIZATION_MODULES, linear_kind
 
 NUMERIC_EPS = 1e-30
 """The ``eps`` of every normalization in the probed copy."""
@@ -43,19 +38,11 @@ SEED = 20210107
 """The random seed of every forward pass of the probed copy (dropout draws the same masks)."""
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
-Groupings = tuple[int | None, ...]
 
 
 def check_model(caller: str, model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: `model` must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def fetch(module: nn.Module, target: str):
-    """The attribute of ``module`` at the dotted path ``target``."""
-    for atom in target.split("."):
-        module = getattr(module, atom)
-    return module
 
 
 def floating_leaves(output) -> list[torch.Tensor]:
@@ -189,14 +176,14 @@ def _attempt(
     model: nn.Module, example_inputs: tuple, double: bool, traced: bool
 ) -> tuple[ProbeCopy, Exception | None]:
     probe = _build(model, example_inputs, double, traced)
-    uses = _weight_uses(probe)
+    uses = weight_uses(probe.module, probe.graph_module, probe.parameters)
     _set_generic_values(probe, {use.name for use in uses})
     _set_eps(probe)
     with probe.random_state():
         error = _first_run(probe)
     if error is None:
-        probe.candidates = _candidates(probe, uses)
-        probe.has_normalization = _has_normalization(probe)
+        probe.candidates = candidates(uses, probe.parameters, probe.values, probe.names)
+        probe.has_normalization = has_normalization(probe.module, probe.graph_module)
     return probe, error
 
 
@@ -309,152 +296,10 @@ def _set_eps(probe: ProbeCopy) -> None:
                 node.args = (*node.args[:position], NUMERIC_EPS, *node.args[position + 1 :])
             else:
                 node.kwargs = {**node.kwargs, "eps": NUMERIC_EPS}
-        elif _is_eps_addition(node):
+        elif is_eps_addition(node):
             node.args = tuple(NUMERIC_EPS if isinstance(a, (int, float)) else a for a in node.args)
             probe.eps_additions.add(node)
     probe.graph_module.recompile()
-
-
-_ADDITIONS = {operator.add, torch.add, "add"}
-_MOMENTS = {torch.var, torch.std, "var", "std"}
-_MOMENTS_WITH_MEAN = {torch.var_mean, torch.std_mean}
-MAX_EPS = 1e-2
-"""The largest number added to a variance that counts as its ``eps``."""
-
-
-def _is_eps_addition(node: fx.Node) -> bool:
-    """``spread + eps``: a number in (0, ``MAX_EPS``] added to a variance or standard deviation.
-
-    A spread is the result of ``var``/``std`` (or of ``var_mean``/``std_mean``), the ``mean``
-    of a square, or the square root of a spread.
-    """
-    if node.op not in ("call_function", "call_method") or node.target not in _ADDITIONS:
-        return False
-    if len(node.args) != 2 or node.kwargs:
-        return False
-    numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-    others = [a for a in node.args if isinstance(a, fx.Node)]
-    return (
-        len(numbers) == 1
-        and 0 < numbers[0] <= MAX_EPS
-        and len(others) == 1
-        and (_is_spread(others[0]))
-    )
-
-
-def _is_spread(node: fx.Node, depth: int = 0) -> bool:
-    if depth > 3 or node.op not in ("call_function", "call_method"):
-        return False
-    target, args = node.target, node.args
-    if target in _MOMENTS:
-        return True
-    if target is operator.getitem and isinstance(args[0], fx.Node):
-        return args[0].target in _MOMENTS_WITH_MEAN and args[1] == 0
-    if target in (torch.sqrt, "sqrt"):
-        return _is_spread(args[0], depth + 1)
-    if target in (torch.mean, "mean") and isinstance(args[0], fx.Node):
-        square = args[0]
-        if square.target in (torch.square, "square"):
-            return True
-        if square.target in (operator.pow, torch.pow, "pow"):
-            return len(square.args) > 1 and square.args[1] == 2
-        return square.target in (operator.mul, torch.mul, "mul") and (
-            len(square.args) == 2 and square.args[0] is square.args[1]
-        )
-    return False
-
-
-@dataclass(frozen=True)
-class _WeightUse:
-    """A parameter used as the weight of a linear map, directly or through a computation that
-    does not depend on the inputs (``argument``: the computed weight, as weight
-    standardization computes it)."""
-
-    name: str
-    kind: str
-    groups: int
-    argument: fx.Node | None = None
-
-
-def _weight_uses(probe: ProbeCopy) -> list[_WeightUse]:
-    """The weights of the linear maps of the copy: candidates once their shapes are known."""
-    by_id = {id(p): name for name, p in probe.parameters.items()}
-    uses = []
-    if probe.graph_module is None:
-        for module in probe.module.modules():
-            kind = linear_kind(module)
-            if kind is not None and id(module.weight) in by_id:
-                uses.append(
-                    _WeightUse(
-                        by_id[id(module.weight)], kind, module.groups if kind != "linear" else 1
-                    )
-                )
-        return uses
-    for node in probe.graph_module.graph.nodes:
-        if node.op == "call_module":
-            module = probe.graph_module.get_submodule(node.target)
-            kind = linear_kind(module)
-            if kind is not None and id(module.weight) in by_id:
-                groups = getattr(module, "groups", 1)
-                uses.append(_WeightUse(by_id[id(module.weight)], kind, groups))
-        elif node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
-            kind = LINEAR_FUNCTIONS[node.target]
-            groups = argument(node, 6, "groups", 1) if kind != "linear" else 1
-            weight = argument(node, 1, "weight")
-            sources = _sources(weight) if isinstance(weight, fx.Node) else []
-            parameters = [fetch(probe.graph_module, s.target) for s in sources]
-            parameters = [p for p in parameters if id(p) in by_id]
-            if parameters:  # the largest: the weight, not a gain multiplying it
-                largest = max(parameters, key=lambda p: p.numel())
-                computed = None if weight.op == "get_attr" else weight
-                uses.append(_WeightUse(by_id[id(largest)], kind, groups, computed))
-    return uses
-
-
-def _sources(node: fx.Node, limit: int = 64) -> list[fx.Node]:
-    """The ``get_attr`` nodes ``node`` is computed from; none where it depends on an input."""
-    seen, stack, found = set(), [node], []
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current.op == "placeholder" or len(seen) > limit:
-            return []
-        if current.op == "get_attr":
-            found.append(current)
-        else:
-            stack.extend(current.all_input_nodes)
-    return found
-
-
-def _candidates(probe: ProbeCopy, uses: list[_WeightUse]) -> dict[str, Groupings]:
-    """Candidate weight name → the groupings to try, finest first."""
-    found: dict[str, Groupings] = {}
-    for use in uses:
-        if use.argument is not None:  # computed: a candidate where it has the weight's shape
-            value = probe.values[use.argument]
-            if getattr(value, "shape", None) != probe.parameters[use.name].shape:
-                continue
-        if use.kind == "conv_transpose" and use.groups != 1:
-            found.setdefault(use.name, (None,))
-        else:
-            found.setdefault(use.name, ({"conv_transpose": 1}.get(use.kind, 0), None))
-    return {name: found[name] for name in probe.names if name in found}
-
-
-def _has_normalization(probe: ProbeCopy) -> bool:
-    """Whether anything in the copy may remove a scale: a normalization module or function, a
-    variance (traced), a linear-map module with an ``eps`` (untraced)."""
-    if any(isinstance(m, NORMALIZATION_MODULES) for m in probe.module.modules()):
-        return True
-    if probe.graph_module is None:
-        return any(linear_kind(m) is not None and hasattr(m, "eps") for m in probe.module.modules())
-    return any(
-        n.target in NORMALIZATION_EPS or n.target in _MOMENTS or n.target in _MOMENTS_WITH_MEAN
-        for n in probe.graph_module.graph.nodes
-        if n.op in ("call_function", "call_method")
-    )
 
 
 def _copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
