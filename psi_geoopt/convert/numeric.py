@@ -14,7 +14,9 @@ without it. Where no radial derivative shows but the outputs changed, the set is
 halves until the weights that fail are found (a failing weight among :math:`n` costs about
 :math:`2 \log_2 n` forward passes).
 
-A weight has an effect on the output when :math:`g` does not vanish: rotating each group
+A weight has an effect on the output when :math:`g` does not vanish (or, where it does,
+when rotating every group by :math:`\theta` in a random direction changes the outputs by more
+than ``effect_rtol`` relative to their largest entries): rotating each group
 :math:`w_k` by an angle :math:`\theta`
 towards :math:`g_k` changes :math:`L` by :math:`\theta \sum_k \|w_k\| \|g_k\|` to first order, so
 :math:`e = \theta \sum_k \|w_k\| \|g_k\| / \|r\|`, with :math:`\theta = 0.3`, is at first order
@@ -96,7 +98,33 @@ class NumericProbe:
                 name: f"rescaling its groups changes the output (relative change {change:.2g})"
                 for name, change in self._split(groupings, measured.change).items()
             }
+        for name, dim in groupings.items():  # no first-order effect: try a finite rotation
+            if name not in failures and not effects[name] > self.effect_rtol:
+                effects[name] = self.rotated_change(name, dim)
         return failures, {name: e for name, e in effects.items() if name not in failures}
+
+    def rotated_change(self, name: str, dim: int | None) -> float:
+        """The relative change of the outputs when every group of ``name`` rotates by
+        ``ROTATION`` in a random direction (a weight whose gradient vanishes may still act,
+        e.g. through the signs of its entries)."""
+        weight = self.parameters[name]
+        original = weight.data
+        manifold = PSIManifold(dim)
+        generator = torch.Generator().manual_seed(SEED + 4)
+        direction = torch.randn(original.shape, generator=generator, dtype=torch.float64)
+        direction = manifold.proju(original, direction.to(original))
+        angle = manifold.norm(original, direction, keepdim=True)
+        try:
+            weight.data = manifold.expmap(original, direction * (ROTATION / angle))
+            return _largest_change(self.outputs(), self.baseline)
+        finally:
+            weight.data = original
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The floating-point leaves of the output, seed fixed."""
+        torch.manual_seed(SEED)
+        with torch.no_grad():
+            return floating_leaves(self.forward(*self.inputs))
 
     def _split(self, groupings: Mapping[str, int | None], change: float) -> dict[str, float]:
         """The failing weights of ``groupings``, whose joint rescaling changed the output."""

@@ -85,7 +85,7 @@ class Probe:
             if effects[name] > self.numeric.effect_rtol:
                 decisions[name] = Decision(True, dim, _accepted_reason(removed_by))
             else:
-                change = f"first-order relative change {effects[name]:.2g}"
+                change = f"relative change {effects[name]:.2g} when rotated"
                 reasons[name].append(f"dim={dim}: it has no effect on the output ({change})")
                 decisions[name] = Decision(False, None, "; ".join(reasons[name]))
         return {name: decisions[name] for name in requests}
