@@ -27,10 +27,11 @@ Euclidean norm). One backward pass gives it for every weight; a weight with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from torch import fx
 
 from ..manifold import PSIManifold
 from .tracing import SEED, ProbeCopy, floating_leaves
@@ -59,8 +60,7 @@ class NumericProbe:
     """Forward and backward passes of a :class:`~.tracing.ProbeCopy` with weights rescaled."""
 
     def __init__(self, probe: ProbeCopy):
-        self.forward = probe.forward
-        self.inputs = probe.inputs
+        self.probe = probe
         self.parameters = probe.parameters
         self.baseline = probe.baseline
         if probe.precision_note is None:
@@ -116,15 +116,28 @@ class NumericProbe:
         angle = manifold.norm(original, direction, keepdim=True)
         try:
             weight.data = manifold.expmap(original, direction * (ROTATION / angle))
-            return _largest_change(self.outputs(), self.baseline)
+            with torch.no_grad():
+                return _largest_change(self.outputs([name]), self.baseline)
         finally:
             weight.data = original
 
-    def outputs(self) -> list[torch.Tensor]:
-        """The floating-point leaves of the output, seed fixed."""
-        torch.manual_seed(SEED)
-        with torch.no_grad():
-            return floating_leaves(self.forward(*self.inputs))
+    def outputs(self, changed: Iterable[str]) -> list[torch.Tensor]:
+        """The floating-point leaves of the output, as the recorded run gave them but for the
+        weights ``changed``: on a traced copy, only the nodes computed from them run again (each
+        with the random state it had: dropout draws the same masks), the others keep their
+        recorded values; an untraced copy runs whole, with the seed it ran with."""
+        probe = self.probe
+        if probe.graph_module is None:
+            torch.manual_seed(SEED)
+            return floating_leaves(probe.module(*probe.inputs))
+        dirty = set()
+        pending = [node for name in changed for node in probe.owners(self.parameters[name])]
+        while pending:
+            node = pending.pop()
+            if node not in dirty:
+                dirty.add(node)
+                pending.extend(node.users)
+        return floating_leaves(_Replay(probe, dirty).run(*probe.inputs))
 
     def _split(self, groupings: Mapping[str, int | None], change: float) -> dict[str, float]:
         """The failing weights of ``groupings``, whose joint rescaling changed the output."""
@@ -157,9 +170,8 @@ class NumericProbe:
                 self.parameters[name].data = originals[name] * factors.to(originals[name])
             for weight in weights:
                 weight.requires_grad_(True)
-            torch.manual_seed(SEED)
             with torch.set_grad_enabled(gradients):
-                outputs = floating_leaves(self.forward(*self.inputs))
+                outputs = self.outputs(groupings)
             measured = Measurement(_largest_change(outputs, self.baseline))
             if gradients:
                 self._differentiate(measured, dict(zip(groupings, weights, strict=True)), outputs)
@@ -191,6 +203,21 @@ class NumericProbe:
             point = weight.detach()
             measured.points[name] = point
             measured.gradients[name] = torch.zeros_like(point) if gradient is None else gradient
+
+
+class _Replay(fx.Interpreter):
+    """Runs the nodes ``dirty`` of a traced copy again; the others give their recorded values."""
+
+    def __init__(self, probe: ProbeCopy, dirty: set[fx.Node]):
+        super().__init__(probe.graph_module)
+        self.probe = probe
+        self.dirty = dirty
+
+    def run_node(self, n: fx.Node):
+        if n not in self.dirty:
+            return self.probe.values[n]
+        self.probe.random_states[n].set()
+        return super().run_node(n)
 
 
 @dataclass

@@ -27,9 +27,7 @@ class Probe:
         self.parameters = self.copy.parameters
         self.structural = None
         if self.copy.graph_module is not None:
-            self.structural = StructuralTest(
-                self.copy.graph_module, self.copy.values, self.copy.eps_additions
-            )
+            self.structural = StructuralTest(self.copy)
 
     @property
     def candidates(self) -> dict[str, Groupings]:

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from .flow import Flow, Rejected, Removed, State, Walk, fetch
 from .rules import linear_kind, rule_for, unsupported
-from .tracing import SEED
+from .tracing import SEED, ProbeCopy
 
 
 @dataclass(frozen=True)
@@ -51,40 +51,24 @@ class StructuralTest:
 
     Parameters
     ----------
-    graph_module : torch.fx.GraphModule
-        the traced model
-    values : dict
-        the value of every node, recorded on the example inputs
-    eps_additions : set
-        the nodes that add an ``eps`` to a variance (ignored, as the ``eps`` of normalizations)
+    probe : ProbeCopy
+        the traced copy, with the value of every node recorded on the example inputs and the
+        nodes that add an ``eps`` to a variance (ignored, as the ``eps`` of normalizations)
     """
 
-    def __init__(
-        self,
-        graph_module: fx.GraphModule,
-        values: dict[fx.Node, object],
-        eps_additions: set[fx.Node],
-    ):
-        self.graph_module = graph_module
-        self.values = values
-        self.eps_additions = eps_additions
-        nodes = list(graph_module.graph.nodes)
+    def __init__(self, probe: ProbeCopy):
+        self.probe = probe
+        self.graph_module = probe.graph_module
+        nodes = list(self.graph_module.graph.nodes)
         self.order = {node: index for index, node in enumerate(nodes)}
-        self.owners: dict[int, list[fx.Node]] = {}
-        for node in nodes:
-            if node.op == "get_attr":
-                self.owners.setdefault(id(fetch(graph_module, node.target)), []).append(node)
-            elif node.op == "call_module":
-                for p in graph_module.get_submodule(node.target).parameters():
-                    self.owners.setdefault(id(p), []).append(node)
         self.live = _reaching_output(nodes)
 
     def __call__(self, weight: torch.Tensor, dim: int | None) -> Verdict:
         """Follow ``weight``, grouped along ``dim`` (see the module documentation)."""
-        walk = Walk(self.graph_module, self.values, weight, weight_flow(weight, dim))
-        owners = self.owners.get(id(weight), [])
+        walk = Walk(self.graph_module, self.probe.values, weight, weight_flow(weight, dim))
+        owners = self.probe.owners(weight)
         walk.owners = {n for n in owners if n.op == "call_module"}
-        walk.eps_additions = self.eps_additions
+        walk.eps_additions = self.probe.eps_additions
         pending = [(self.order[n], n) for n in owners]
         heapq.heapify(pending)
         removed_by: list[str] = []

@@ -30,6 +30,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .candidates import Groupings, candidates, has_normalization, is_eps_addition, weight_uses
+from .flow import fetch
 from .rules import NORMALIZATION_EPS, NORMALIZATION_MODULES, linear_kind
 
 NUMERIC_EPS = 1e-30
@@ -60,7 +61,8 @@ class ProbeCopy:
     why the copy is not float64 where it is not. ``candidates`` maps each candidate weight, in
     the model's parameter order, to the groupings to try, finest first; ``zero_candidates``
     holds the original values of the candidates that were zero. ``baseline`` is the output on
-    ``inputs`` (its floating-point leaves), ``parameters`` those of ``module`` by name.
+    ``inputs`` (its floating-point leaves), ``parameters`` those of ``module`` by name,
+    ``random_states`` the random state before each node when it was recorded.
     """
 
     model_name: str
@@ -78,6 +80,22 @@ class ProbeCopy:
     has_normalization: bool = False
     baseline: list[torch.Tensor] = field(default_factory=list)
     parameters: dict[str, nn.Parameter] = field(default_factory=dict)
+    random_states: dict[fx.Node, RandomState] = field(default_factory=dict)
+    _owners: dict[int, list[fx.Node]] | None = None
+
+    def owners(self, weight: torch.Tensor) -> list[fx.Node]:
+        """The nodes of the traced graph that read ``weight``: ``get_attr`` nodes, and the
+        ``call_module`` nodes whose module holds it."""
+        if self._owners is None:
+            self._owners = {}
+            for node in self.graph_module.graph.nodes:
+                if node.op == "get_attr":
+                    target = fetch(self.graph_module, node.target)
+                    self._owners.setdefault(id(target), []).append(node)
+                elif node.op == "call_module":
+                    for p in self.graph_module.get_submodule(node.target).parameters():
+                        self._owners.setdefault(id(p), []).append(node)
+        return self._owners.get(id(weight), [])
 
     @property
     def forward(self) -> nn.Module:
@@ -92,6 +110,24 @@ class ProbeCopy:
         return torch.random.fork_rng(devices=self.cuda_devices)
 
 
+@dataclass(frozen=True)
+class RandomState:
+    """The global random state (CPU and the given GPUs), to run a node again as it ran."""
+
+    cpu: torch.Tensor
+    cuda: tuple[tuple[int, torch.Tensor], ...] = ()
+
+    @classmethod
+    def get(cls, cuda_devices: list[int]) -> RandomState:
+        cuda = tuple((d, torch.cuda.get_rng_state(d)) for d in cuda_devices)
+        return cls(torch.get_rng_state(), cuda)
+
+    def set(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in self.cuda:
+            torch.cuda.set_rng_state(state, device)
+
+
 class _Recorder(fx.Interpreter):
     """Runs a traced module and keeps every intermediate value.
 
@@ -99,13 +135,16 @@ class _Recorder(fx.Interpreter):
     instead, for graphs where some operation changes a value in place after it is recorded.
     """
 
-    def __init__(self, module: fx.GraphModule, copies: bool):
+    def __init__(self, module: fx.GraphModule, copies: bool, cuda_devices: list[int]):
         super().__init__(module, garbage_collect_values=False)
         self.values: dict[fx.Node, object] = {}
+        self.random_states: dict[fx.Node, RandomState] = {}
         self.versions: list[tuple[torch.Tensor, int]] = []
         self.copies = copies
+        self.cuda_devices = cuda_devices
 
     def run_node(self, n: fx.Node):
+        self.random_states[n] = RandomState.get(self.cuda_devices)
         result = super().run_node(n)
         self.values[n] = tree_map(self._keep, result)
         return result
@@ -225,15 +264,15 @@ def _first_run(probe: ProbeCopy) -> Exception | None:
             with torch.no_grad():
                 output = probe.module(*probe.inputs)
         else:
-            recorder = _Recorder(probe.graph_module, copies=False)
+            recorder = _Recorder(probe.graph_module, False, probe.cuda_devices)
             with torch.no_grad():
                 output = recorder.run(*probe.inputs)
             if recorder.changed_in_place():  # an in-place operation the copy still has
-                recorder = _Recorder(probe.graph_module, copies=True)
+                recorder = _Recorder(probe.graph_module, True, probe.cuda_devices)
                 torch.manual_seed(SEED)
                 with torch.no_grad():
                     output = recorder.run(*probe.inputs)
-            probe.values = recorder.values
+            probe.values, probe.random_states = recorder.values, recorder.random_states
     except Exception as error:
         return error
     probe.baseline = floating_leaves(output)
