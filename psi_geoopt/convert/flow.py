@@ -132,13 +132,33 @@ def offset_or_zeros(flow: Flow) -> torch.Tensor:
     return torch.zeros_like(flow.factor) if flow.offset is None else flow.offset
 
 
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its broadcast copies: size 1 along the axes it is expanded along."""
+    index = tuple(
+        slice(0, 1) if stride == 0 and size > 1 else slice(None)
+        for stride, size in zip(t.stride(), t.shape, strict=True)
+    )
+    return t[index]
+
+
 def constant_along(t: torch.Tensor, axes: list[int]) -> bool:
     """Whether ``t`` is constant along ``axes``, up to ``CONSTANT_RTOL`` of its largest entry."""
+    t = compact(t)
+    axes = [a for a in axes if t.shape[a] > 1]
     if not axes or t.numel() == 0:
         return True
     spread = (t.amax(dim=axes) - t.amin(dim=axes)).abs().max()
     rtol = max(CONSTANT_RTOL, 1000 * torch.finfo(t.dtype).eps)
     return bool(spread <= rtol * t.abs().max())
+
+
+def largest_along(t: torch.Tensor, axes: list[int]) -> torch.Tensor:
+    """``t.amax(dim=axes, keepdim=True)``, computed without ``t``'s broadcast copies."""
+    axes = [a % t.dim() for a in axes]
+    shape = [1 if a in axes else size for a, size in enumerate(t.shape)]
+    if not axes:
+        return t
+    return compact(t).amax(dim=axes, keepdim=True).expand(shape)
 
 
 def channel_factors(factor: torch.Tensor, kind: str, groups: int) -> torch.Tensor | None:
@@ -148,11 +168,11 @@ def channel_factors(factor: torch.Tensor, kind: str, groups: int) -> torch.Tenso
             return factor.flatten()[:1]
         if groups != 1 or not constant_along(factor, [0, *range(2, factor.dim())]):
             return None
-        return factor.amax(dim=[0, *range(2, factor.dim())])
+        return largest_along(factor, [0, *range(2, factor.dim())]).flatten()
     rest = list(range(1, factor.dim()))
     if not constant_along(factor, rest):
         return None
-    return factor.amax(dim=rest) if rest else factor
+    return largest_along(factor, rest).flatten()
 
 
 def fetch(module: nn.Module, target: str):

@@ -95,11 +95,12 @@ class Probe:
         point of the manifold, with the normalizations that remove its scale; None if none."""
         while dims:
             dim = dims.pop(0)
-            removed_by: tuple[str, ...] = ()
-            reason = not_a_point(self.copy.original(name), dim)
-            if reason is None and self.structural is not None:
+            reason, removed_by = None, ()
+            if self.structural is not None:
                 verdict = self.structural(self.parameters[name], dim)
                 reason, removed_by = verdict.reason, verdict.removed_by
+            if reason is None:
+                reason = not_a_point(self.copy.original(name), dim)
             if reason is None:
                 return dim, removed_by
             reasons.append(f"dim={dim}: {reason}")

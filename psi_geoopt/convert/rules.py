@@ -29,8 +29,10 @@ from .flow import (
     argument,
     as_tuple,
     channel_factors,
+    compact,
     constant_along,
     factor_of,
+    largest_along,
     offset_or_zeros,
     shift_of,
     where,
@@ -181,7 +183,12 @@ def concatenate(walk: Walk, node: fx.Node) -> State:
 
 
 def linear(
-    walk: Walk, node: fx.Node, kind: str, w_state: State, has_bias: bool, groups: int
+    walk: Walk,
+    node: fx.Node,
+    kind: str,
+    w_state: State,
+    bias: torch.Tensor | None,
+    groups: int,
 ) -> State:
     r"""A linear map :math:`y = W * x + b`; the flow may enter through ``x`` and/or ``W``."""
     out = walk.values[node]
@@ -190,28 +197,31 @@ def linear(
         return Rejected(f"the weight is transformed before use {where(node)}")
     factor = torch.ones((1,) * out.dim(), dtype=out.dtype, device=out.device)
     shifted = isinstance(x_state, Flow) and x_state.offset is not None
+    weight_rank = _weight_rank(walk, node, w_state)
+    channel_axis = out.dim() - 1 if kind == "linear" else out.dim() - weight_rank + 1
     if isinstance(x_state, Flow):
-        n_contracted = 1 if kind == "linear" else _weight_rank(walk, node, w_state) - 1
+        n_contracted = 1 if kind == "linear" else weight_rank - 1
         rank = x_state.factor.dim()
         contracted = list(range(rank - n_contracted, rank))
         if not constant_along(x_state.factor, contracted):
             return Rejected(f"channels with different factors are mixed {where(node)}")
-        factor = x_state.factor.amax(dim=contracted, keepdim=True)
+        factor = largest_along(x_state.factor, contracted)
         if w_state is not None and shifted:
             return Rejected(f"a shifted input meets the scaled weight {where(node)}")
     if w_state is not None:
         per_channel = channel_factors(w_state.factor, kind, groups)
         if per_channel is None:
             return Rejected(f"the weight's groups are not output channels {where(node)}")
-        axis = out.dim() - 1 if kind == "linear" else out.dim() - w_state.factor.dim() + 1
         shape = [1] * out.dim()
-        shape[axis] = per_channel.numel()
+        shape[channel_axis] = per_channel.numel()
         factor = factor * per_channel.reshape(shape)
     offset = None
-    if has_bias or shifted:
-        # W * O + b, with the weight's recorded value (the offset does not scale with it)
-        source = x_state if shifted else Flow(torch.zeros_like(walk.values[node.args[0]]))
-        offset = walk.substitute(node, lambda _, n: walk.values[n], first=offset_or_zeros(source))
+    if shifted:  # W * O + b, with the weight's recorded value (O does not scale with it)
+        offset = walk.substitute(node, lambda _, n: walk.values[n], first=x_state.offset)
+    elif bias is not None:
+        shape = [1] * out.dim()
+        shape[channel_axis] = bias.numel()
+        offset = bias.detach().to(out).reshape(shape).expand(out.shape)
     return Flow(factor.expand(out.shape), offset)
 
 
@@ -230,7 +240,7 @@ def linear_module(walk: Walk, node: fx.Node) -> State:
         return Rejected(f"used as a bias {where(node)}")
     w_state = walk.weight_flow if module.weight is walk.weight else None
     groups = getattr(module, "groups", 1)
-    return linear(walk, node, linear_kind(module), w_state, module.bias is not None, groups)
+    return linear(walk, node, linear_kind(module), w_state, module.bias, groups)
 
 
 def linear_function(walk: Walk, node: fx.Node) -> State:
@@ -241,7 +251,8 @@ def linear_function(walk: Walk, node: fx.Node) -> State:
         return Rejected(f"used as a bias {where(node)}")
     w_state = walk.state(argument(node, 1, "weight"))
     groups = argument(node, 6, "groups", 1) if kind != "linear" else 1
-    return linear(walk, node, kind, w_state, b_node is not None, groups)
+    bias = walk.values[b_node] if isinstance(b_node, fx.Node) else b_node
+    return linear(walk, node, kind, w_state, bias, groups)
 
 
 def normalized(
@@ -346,14 +357,14 @@ def pooled(walk: Walk, node: fx.Node, d: int, padded_average: bool) -> State:
     out_shape = walk.values[node].shape
     if not constant_along(flow.factor, axes):
         return Rejected(f"the factor varies inside the pooling windows {where(node)}")
-    factor = flow.factor.amax(dim=axes, keepdim=True).expand(out_shape)
+    factor = largest_along(flow.factor, axes).expand(out_shape)
     offset = None
     if flow.offset is not None:
         if padded_average:
             return Rejected(f"a shift is averaged with zero padding {where(node)}")
         if not constant_along(flow.offset, axes):
             return Rejected(f"the shift varies inside the pooling windows {where(node)}")
-        offset = flow.offset.amax(dim=axes, keepdim=True).expand(out_shape)
+        offset = largest_along(flow.offset, axes).expand(out_shape)
     return Flow(factor, offset)
 
 
@@ -402,13 +413,13 @@ def moment(walk: Walk, node: fx.Node, power: int, with_mean: bool = False) -> St
         return Rejected(f"a shift varies inside the slices of a variance {where(node)}")
     value = walk.values[node]
     shape = (value[0] if with_mean else value).shape
-    factor = flow.factor.amax(dim=axes, keepdim=True).reshape(shape)
+    factor = largest_along(flow.factor, axes).reshape(shape)
     spread = Flow(factor**power)
     if not with_mean:
         return spread
     offset = None
     if flow.offset is not None:
-        offset = flow.offset.amax(dim=axes, keepdim=True).reshape(shape)
+        offset = largest_along(flow.offset, axes).reshape(shape)
     return spread, Flow(factor, offset, flow.weight)
 
 
@@ -437,8 +448,8 @@ def add(walk: Walk, node: fx.Node) -> State:
     if len(node.args) > 2 or node.kwargs:
         return Rejected(f"add with extra arguments {where(node)}")
     out_shape = walk.values[node].shape
-    if len(flows) == 2 and not torch.allclose(
-        first.factor.expand(out_shape), second.factor.expand(out_shape), rtol=1e-12, atol=0
+    if len(flows) == 2 and not bool(
+        torch.isclose(compact(first.factor), compact(second.factor), rtol=1e-12, atol=0).all()
     ):
         return Rejected(f"added to a value scaled differently {where(node)}")
     factor = flows[0].factor.expand(out_shape)
@@ -461,7 +472,7 @@ def multiply(walk: Walk, node: fx.Node, divide: bool = False) -> State:
         if first.offset is not None or second.offset is not None:
             return Rejected(f"product of shifted values {where(node)}")
         factor = first.factor / second.factor if divide else first.factor * second.factor
-        if bool(((factor - 1).abs() <= CONSTANT_RTOL).all()):
+        if bool(((compact(factor) - 1).abs() <= CONSTANT_RTOL).all()):
             kind = "weight standardization" if first.weight else "standardization"
             return Removed(f"{kind} {where(node)}")
         return Flow(factor.expand(out_shape))
