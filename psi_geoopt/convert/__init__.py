@@ -69,16 +69,22 @@ parameters keep their values. A grouping is accepted when
    weight, and, when traced, in functional calls and in ``var + eps``), the random seed fixed
    for every forward pass (dropout draws the same masks): multiplying the groups of all the
    proposed weights at once, each group by its own factor :math:`10^{U(-2, 2)}`, changes no
-   output by more than :math:`10^{-7}` times its largest entry (a set that fails is split in
-   halves until the failing weights are found, which then try their next grouping), and the
-   weight has an effect: from one backward pass of a random projection of the outputs, the
-   first-order change of the outputs when every group rotates by 0.3 rad towards its
-   gradient exceeds :math:`10^{-6}` (a zero group fails earlier: it is no point of the
-   manifold).
+   output by more than :math:`10^{-7}` times its largest entry, and the gradient there of a
+   random projection of the outputs has no radial component :math:`\langle g_k, w_k \rangle`
+   on any group (above :math:`10^{-8}` relative; it vanishes for an invariant group by Euler's
+   theorem). A weight with a radial component fails and the others are tested again without
+   it; where none shows but the outputs changed, the set is split in halves until the failing
+   weights are found. A weight that fails goes on to its next grouping. The same gradient
+   tells whether the weight has an effect: rotating its groups by 0.3 rad towards it changes
+   the outputs, to first order, by more than :math:`10^{-6}` of their largest entries (where
+   the gradient vanishes, a rotation in a random direction is tried: a depthwise convolution
+   on a 1x1 image acts only through the signs of its centre taps). A zero group fails
+   earlier: it is no point of the manifold.
 
 The cost is a deep copy, a trace, one recorded forward pass, one forward and backward pass
-for all the weights (more only where some weight fails the numeric test) and a structural walk
-per weight over the nodes computed from it. When :mod:`torch.fx` cannot trace the model
+for all the weights (more only where some weight fails the numeric test; a traced copy then
+runs again only the nodes computed from the changed weights) and a structural walk per weight
+over the nodes computed from it. When :mod:`torch.fx` cannot trace the model
 (data-dependent control flow), only the numeric test decides, for the ``weight`` of the
 linear-map modules listed above, and a warning says so (the ``eps`` of functional
 normalizations then stays, which can only turn a "yes" into a "no"). When the model does not
