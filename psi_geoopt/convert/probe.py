@@ -111,6 +111,11 @@ class Probe:
         notes = []
         if self.copy.precision_note is not None:
             notes.append(f"float64 forward failed ({self.copy.precision_note}): own precision")
+        if self.copy.values_note is not None:
+            notes.append(
+                f"forward with generic parameter values failed ({self.copy.values_note}): "
+                "the model's own values decide, and the answer may depend on them"
+            )
         if self.copy.trace_error is not None:
             notes.append(f"not traceable ({self.copy.trace_error}): numeric probe only")
         if not self.copy.has_normalization:

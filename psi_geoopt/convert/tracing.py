@@ -58,8 +58,10 @@ class ProbeCopy:
 
     ``graph_module`` and ``values`` (the value of every node on ``inputs``) are None where
     :mod:`torch.fx` cannot trace the model (``trace_error`` says why); ``precision_note`` says
-    why the copy is not float64 where it is not. ``candidates`` maps each candidate weight, in
-    the model's parameter order, to the groupings to try, finest first; ``zero_candidates``
+    why the copy is not float64 where it is not, ``values_note`` why it keeps the model's
+    values where it does (the model fails with generic ones). ``candidates`` maps each
+    candidate weight, in the model's parameter order, to the groupings to try, finest first;
+    ``zero_candidates``
     holds the original values of the candidates that were zero. ``baseline`` is the output on
     ``inputs`` (its floating-point leaves), ``parameters`` those of ``module`` by name,
     ``random_states`` the random state before each node when it was recorded.
@@ -74,6 +76,7 @@ class ProbeCopy:
     values: dict[fx.Node, object] | None = None
     trace_error: str | None = None
     precision_note: str | None = None
+    values_note: str | None = None
     candidates: dict[str, Groupings] = field(default_factory=dict)
     eps_additions: set[fx.Node] = field(default_factory=set)
     zero_candidates: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -214,12 +217,22 @@ def prepare(model: nn.Module, example_inputs: Inputs) -> ProbeCopy:
 def _attempt(
     model: nn.Module, example_inputs: tuple, double: bool, traced: bool
 ) -> tuple[ProbeCopy, Exception | None]:
-    probe = _build(model, example_inputs, double, traced)
-    uses = weight_uses(probe.module, probe.graph_module, probe.parameters)
-    _set_generic_values(probe, {use.name for use in uses})
-    _set_eps(probe)
-    with probe.random_state():
-        error = _first_run(probe)
+    """Build and run a copy; where it fails with generic values, once more with the model's."""
+    for generic in (True, False):
+        probe = _build(model, example_inputs, double, traced)
+        uses = weight_uses(probe.module, probe.graph_module, probe.parameters)
+        if generic:
+            _set_generic_values(probe, {use.name for use in uses})
+        _set_eps(probe)
+        with probe.random_state():
+            error = _first_run(probe)
+        if generic and error is None and not all(bool(t.isfinite().all()) for t in probe.baseline):
+            error = FloatingPointError("an output is not finite")
+        if error is None or not generic:
+            break
+        generic_error = _describe(error)
+    if error is None and not generic:
+        probe.values_note = generic_error
     if error is None:
         probe.candidates = candidates(uses, probe.parameters, probe.values, probe.names)
         probe.has_normalization = has_normalization(probe.module, probe.graph_module)

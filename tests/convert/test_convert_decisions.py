@@ -220,3 +220,23 @@ def test_zero_groups_are_rejected(build):
     report = explain_scale_invariance(model, inputs)
     assert report.found == {}
     assert "it has no effect on the output" in report.decisions["1.weight"].reason
+
+
+def test_a_model_that_needs_its_own_parameter_values_is_probed_with_them():
+    """Where generic values make the forward pass fail or give non-finite outputs, the
+    model's own values are probed, and the report says so."""
+
+    class Mixture(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.share = nn.Parameter(torch.tensor(0.25))  # meaningful below 0.4 only
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return torch.sqrt(0.4 - self.share) * y.mean((2, 3))
+
+    report = explain_scale_invariance(Mixture(), torch.randn(4, 3, 5, 5))
+    assert report.found == {"conv.weight": 0}
+    assert report.notes[0].startswith("forward with generic parameter values failed")
