@@ -116,3 +116,15 @@ def test_timm_weight_standardized_convolutions(images):
     report = explain_scale_invariance(model, images)
     assert report.found == {"0.weight": 0, "3.weight": 0} == brute_force(model, images)
     assert "weight standardization" in report.decisions["3.weight"].reason
+
+
+def test_the_benchmark_models_have_torchvisions_parameters():
+    """psi_geoopt.experiments.large_models: torchvision's names and shapes, so its weights load."""
+    models = pytest.importorskip("torchvision.models", reason="torchvision is not installed")
+    from psi_geoopt.experiments import large_models
+
+    for ours, theirs in (
+        (large_models.resnet50(), models.resnet50()),
+        (large_models.efficientnet_b0(), models.efficientnet_b0()),
+    ):
+        ours.load_state_dict(theirs.state_dict())
