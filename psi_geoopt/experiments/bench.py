@@ -16,7 +16,10 @@ over rounds:
 - the Adam step on the same shapes: ``torch.optim.Adam(foreach=True)``, geoopt's
   ``RiemannianAdam`` and ``psi_geoopt.optim.RiemannianAdam`` (its fast path);
 - the whole training step (forward, backward, step) of the demo ConvNet (``convnet-bn``) on
-  a batch of 8x8 digit-sized images, with each SGD variant.
+  a batch of 8x8 digit-sized images, with each SGD variant;
+- :func:`~psi_geoopt.find_scale_invariant` on ResNet-50 and EfficientNet-B0 (a batch of 4
+  images of 32x32), as a ratio to one float32 forward and backward pass of the same model on
+  the same batch (a quarter as many rounds as the optimizer steps, at least one).
 
 Momentum 0.9 for SGD, learning rate 1e-3 for Adam. Ratios are to the first optimizer of each
 table (``torch.optim.SGD``, ``torch.optim.Adam``).
@@ -41,9 +44,10 @@ import torch
 from torch import nn
 
 from ..commandline import machine_description
-from ..convert import to_psi
+from ..convert import find_scale_invariant, to_psi
 from ..manifold import PSIManifold
 from ..optim import RiemannianAdam, RiemannianSGD
+from .large_models import efficientnet_b0, resnet50
 from .models import build_model
 
 MOMENTUM = 0.9
@@ -241,10 +245,46 @@ def bench_training(
     return {"batch_size": batch_size, "results": summary}
 
 
-def _print_table(title: str, summary: dict[str, dict[str, float]]) -> None:
+CONVERSION_MODELS = {"resnet50": resnet50, "efficientnet_b0": efficientnet_b0}
+
+
+def bench_conversion(
+    model: str, rounds: int, device: str, batch_size: int = 4, image_size: int = 32
+) -> dict:
+    """:func:`find_scale_invariant` on ``model`` against one float32 forward + backward pass
+    (of ``sum(logits)``, training mode) on the same batch of random images."""
+    torch.manual_seed(0)
+    network = CONVERSION_MODELS[model]().to(device)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
+
+    def forward_backward() -> None:
+        network.zero_grad(set_to_none=True)
+        network(images).sum().backward()
+
+    found: dict[str, int | None] = {}
+
+    def find() -> None:
+        found.update(find_scale_invariant(network, images))
+
+    forward_backward()
+    actions = {"forward+backward": forward_backward, "find_scale_invariant": find}
+    summary = _summary(interleaved(actions, rounds, device), "forward+backward")
+    return {
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "weights": sum(1 for p in network.parameters() if p.dim() > 1),
+        "found": len(found),
+        "results": summary,
+    }
+
+
+def _print_table(
+    title: str, summary: dict[str, dict[str, float]], column: str = "optimizer"
+) -> None:
     baseline = next(iter(summary))
     print(f"\n{title}, ratios to {baseline}")
-    print(f"  {'optimizer':<26} {'median ms':>10} {'IQR ms':>8} {'ratio':>7}")
+    print(f"  {column:<26} {'median ms':>10} {'IQR ms':>8} {'ratio':>7}")
     for label, row in summary.items():
         print(f"  {label:<26} {row['median_ms']:>10.2f} {row['iqr_ms']:>8.2f} {row['ratio']:>7.2f}")
 
@@ -254,8 +294,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="fewer rounds, ResNet-18 only, without the reference loop, geoopt's "
-        "RiemannianAdam and the compiled path",
+        help="fewer rounds, ResNet-18 only (EfficientNet-B0 for the conversion), without the "
+        "reference loop, geoopt's RiemannianAdam and the compiled path",
     )
     parser.add_argument(
         "--device",
@@ -312,6 +352,16 @@ def run(args: argparse.Namespace) -> int:
         f"{training_rounds} rounds",
         training["results"],
     )
+    results["conversion"] = {}
+    for model in ("efficientnet_b0",) if args.quick else tuple(CONVERSION_MODELS):
+        entry = bench_conversion(model, max(1, rounds // 4), device)
+        results["conversion"][model] = entry
+        _print_table(
+            f"find_scale_invariant, {model} ({entry['found']} of {entry['weights']} weights "
+            f"PSI), batch {entry['batch_size']} of 3x{entry['image_size']}x{entry['image_size']}",
+            entry["results"],
+            column="task",
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -1,12 +1,14 @@
-"""Small models with hand-labelled scale-invariant weights, for tests/test_convert.py.
+"""Small models with hand-labelled scale-invariant weights, for the tests of psi_geoopt.convert.
 
 Every builder returns ``(model, example_inputs, truth)`` where ``truth`` maps each weight that is
 positively scale invariant in training mode to its finest group axis (PSI_GEOMETRY.md §6); every
 other parameter is not. Sizes are tiny so a probe of each takes well under a second on a CPU.
+The tests reach them through the fixtures at the end of this module.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -324,10 +326,196 @@ def mixed():
     return Mixed(), inputs, truth
 
 
+class InitSpecial(nn.Module):
+    """Parameters whose values at initialization would hide the truth (PSI_GEOMETRY.md §6).
+
+    A ConvNeXt stem (Conv with a bias, LayerNorm over channels), a Conv with a bias into a
+    GroupNorm of two channels per group, one into a GroupNorm of one channel per group, a
+    residual branch ending in a BatchNorm whose scale starts at zero, and one ending in a
+    layer scale that starts at 1e-6.
+    """
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)  # ✗ its bias is not removed by the LayerNorm
+        self.stem_norm = nn.LayerNorm(c)
+        self.grouped = nn.Conv2d(c, c, 1)  # ✗ nor by a GroupNorm of two channels per group
+        self.gn = nn.GroupNorm(c // 2, c)
+        self.per_channel = nn.Conv2d(c, c, 1)  # ✓ one channel per group removes it
+        self.gn_1 = nn.GroupNorm(c, c)
+        self.branch = nn.Conv2d(c, c, 3, padding=1, bias=False)  # ✓ BN(γ = 0 at first)
+        self.branch_bn = nn.BatchNorm2d(c)
+        self.scaled = nn.Conv2d(c, c, 1, bias=False)  # ✓ BN, then a layer scale of 1e-6
+        self.scaled_bn = nn.BatchNorm2d(c)
+        self.layer_scale = nn.Parameter(torch.full((c,), 1e-6))
+        self.head = nn.Linear(c, 3)  # ✗
+        for conv in (self.stem, self.grouped, self.per_channel):
+            nn.init.zeros_(conv.bias)  # as ConvNeXt and many others initialize them
+        nn.init.zeros_(self.branch_bn.weight)  # as zero_init_last in timm's ResNets
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x + self.gn(self.grouped(x))
+        x = x + self.gn_1(self.per_channel(x))
+        x = F.relu(x + self.branch_bn(self.branch(x)))
+        x = x + self.layer_scale.view(-1, 1, 1) * self.scaled_bn(self.scaled(x))
+        return self.head(x.mean((2, 3)))
+
+
+def init_special():
+    truth = {"per_channel.weight": 0, "branch.weight": 0, "scaled.weight": 0}
+    return InitSpecial(), _inputs(4, 3, 8, 8), truth
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardization as timm's ``StdConv2d`` writes it: BatchNorm of the weight."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x):
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            training=True,
+            momentum=0.0,
+            eps=self.eps,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ``ScaledStdConv2d`` (NFNets): the standardized weight times a gain per channel."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            weight=(self.gain * self.scale).view(-1),
+            training=True,
+            momentum=0.0,
+            eps=self.eps,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdMeanConv2d(nn.Conv2d):
+    """The form of timm's earlier ``StdConv2d``: ``(w - mean) / (std + eps)``."""
+
+    def __init__(self, *args, eps: float = 1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x):
+        std, mean = torch.std_mean(self.weight, dim=[1, 2, 3], keepdim=True, unbiased=False)
+        weight = (self.weight - mean) / (std + self.eps)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Standardized(nn.Module):
+    """Weight-standardized convolutions, PSI per output channel whatever follows them."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_norm_form = StdConv2d(3, 4, 3, padding=1)  # ✓ dim=0
+        self.scaled = ScaledStdConv2d(4, 4, 3, padding=1)  # ✓ dim=0 (the gain is not PSI)
+        self.std_mean_form = StdMeanConv2d(4, 6, 1, bias=True)  # ✓ dim=0
+        self.in_forward = nn.Parameter(torch.randn(5, 3, 3, 3))  # ✓ dim=0
+        self.across = nn.Parameter(torch.randn(5, 3, 1, 1))  # ✓ None: standardized across dim 0
+        self.head = nn.Linear(16, 2)  # ✗
+
+    def forward(self, x):
+        y = F.silu(self.std_mean_form(torch.tanh(self.scaled(F.gelu(self.batch_norm_form(x))))))
+        w = self.in_forward
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        z = torch.sigmoid(F.conv2d(x, (w - mean) / torch.sqrt(var + 1e-5), padding=1))
+        v = self.across
+        u = F.conv2d(x, (v - v.mean()) * torch.rsqrt(v.var() + 1e-5))
+        return self.head(torch.cat([y, z, u], 1).mean((2, 3)))
+
+
+def standardized():
+    truth = {
+        "batch_norm_form.weight": 0,
+        "scaled.weight": 0,
+        "std_mean_form.weight": 0,
+        "in_forward": 0,
+        "across": None,
+    }
+    return Standardized(), _inputs(4, 3, 6, 6), truth
+
+
 MODELS = {
     "vgg_bn": vgg_bn,
     "resnet18": resnet18,
     "preact_resnet": preact_resnet,
     "mlp_bn": mlp_bn,
     "mixed": mixed,
+    "init_special": init_special,
+    "standardized": standardized,
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The probes run many tiny kernels: one thread avoids contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def build():
+    """``build(name, seed=0)``: the model ``name`` of ``MODELS``, built with ``seed``."""
+
+    def make(name: str, seed: int = 0):
+        torch.manual_seed(seed)
+        return MODELS[name]()
+
+    return make
+
+
+@pytest.fixture(params=list(MODELS))
+def labelled(request, build):
+    """Every hand-labelled model in turn: ``(model, example_inputs, truth)``."""
+    return build(request.param)
+
+
+@pytest.fixture
+def untraceable():
+    """A class whose models torch.fx cannot trace: data-dependent control flow."""
+
+    class Untraceable(nn.Module):
+        """Two standardized convolutions (✓ dim=0), one unused, one zero, a head (✗)."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.dead = nn.Conv2d(3, 4, 1, bias=False)
+            self.zero = nn.Conv2d(3, 4, 1, bias=False)
+            self.bn_zero = nn.BatchNorm2d(4)
+            self.standardized = StdConv2d(4, 4, 3, padding=1)
+            self.std_mean_form = StdMeanConv2d(4, 4, 1)
+            self.head = nn.Linear(4, 2)
+            with torch.no_grad():
+                self.zero.weight.zero_()
+
+        def forward(self, x):
+            if x.sum() > -1e9:
+                x = self.bn(self.conv(x)) + self.bn_zero(self.zero(x))
+                x = F.gelu(self.std_mean_form(torch.tanh(self.standardized(x))))
+            return self.head(x.mean((2, 3)))
+
+    return Untraceable

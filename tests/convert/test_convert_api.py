@@ -1,4 +1,4 @@
-"""Tests of psi_geoopt.convert: finding scale-invariant weights and converting them."""
+"""Tests of the public functions of psi_geoopt.convert: report, to_psi, param_groups."""
 
 from __future__ import annotations
 
@@ -7,27 +7,17 @@ import copy
 import geoopt
 import pytest
 import torch
-import torch.nn.functional as F
-from convert_models import MODELS, ResNet18, mixed, preact_resnet, resnet18
 from torch import nn
 
 import psi_geoopt
-from psi_geoopt import PSIManifold, convert, find_scale_invariant, param_groups, to_psi
+from psi_geoopt import (
+    PSIManifold,
+    explain_scale_invariance,
+    find_scale_invariant,
+    param_groups,
+    to_psi,
+)
 from psi_geoopt.optim import RiemannianSGD
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The probes run many tiny kernels: one thread avoids contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _build(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    return MODELS[name]()
 
 
 def _as_tuple(inputs):
@@ -59,38 +49,8 @@ def _assert_same_snapshot(before, after):
         assert torch.equal(value, after[0][key]), key
 
 
-# ------------------------------------------------------------------ hand-labelled truth
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_finds_exactly_the_hand_labelled_weights(name):
-    model, inputs, truth = _build(name)
-    found = find_scale_invariant(model, inputs)
-    assert found == truth
-
-
-def test_weights_are_tested_one_by_one_where_the_joint_rescaling_fails(monkeypatch):
-    rescaled_change = convert._Probe._rescaled_change
-    calls = []
-
-    def joint_fails(self, groupings):
-        calls.append(len(groupings))
-        return float("inf") if len(groupings) > 1 else rescaled_change(self, groupings)
-
-    monkeypatch.setattr(convert._Probe, "_rescaled_change", joint_fails)
-    model, inputs, truth = _build("mixed")
-    assert find_scale_invariant(model, inputs) == truth
-    assert calls[0] > 1 and set(calls[1:]) == {1}
-
-
-def test_float32_and_eval_mode_models_are_probed_in_training_mode():
-    model, inputs, truth = _build("vgg_bn")
-    model.eval()
-    assert find_scale_invariant(model, inputs) == truth
-
-
-def test_probe_leaves_model_and_random_state_as_they_were():
-    model, inputs, _ = _build("mixed")
+def test_probe_leaves_model_and_random_state_as_they_were(build):
+    model, inputs, _ = build("mixed")
     model.bn_a.eval()  # a mixture of flags must survive
     model.head.eval()
     model.sync.weight.requires_grad_(False)
@@ -107,8 +67,8 @@ def test_probe_leaves_model_and_random_state_as_they_were():
     assert isinstance(model.conv_bias_bn.weight, geoopt.ManifoldParameter)
 
 
-def test_verbose_explains_decisions(capsys):
-    model, inputs, _ = preact_resnet()
+def test_verbose_explains_decisions(capsys, build):
+    model, inputs, _ = build("preact_resnet")
     find_scale_invariant(model, inputs, verbose=True)
     out = capsys.readouterr().out
     assert "layer1.conv1.weight: PSI, dim=0" in out
@@ -116,119 +76,26 @@ def test_verbose_explains_decisions(capsys):
     assert "fc.weight: not PSI (dim=0: its scale reaches the model's output" in out
 
 
-# --------------------------------------------------------- structural and numeric both needed
-
-
-class _Untraceable(nn.Module):
-    """Data-dependent control flow: torch.fx cannot trace it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-        self.dead = nn.Conv2d(3, 4, 1, bias=False)
-        self.zero = nn.Conv2d(3, 4, 1, bias=False)
-        self.bn_zero = nn.BatchNorm2d(4)
-        self.head = nn.Linear(4, 2)
-        with torch.no_grad():
-            self.zero.weight.zero_()
-
-    def forward(self, x):
-        if x.sum() > -1e9:
-            x = self.bn(self.conv(x)) + self.bn_zero(self.zero(x))
-        return self.head(x.mean((2, 3)))
-
-
-def test_untraceable_model_falls_back_to_the_numeric_probe():
-    model = _Untraceable()
-    with pytest.warns(UserWarning, match="cannot trace"):
-        found = find_scale_invariant(model, torch.randn(5, 3, 4, 4))
-    # `dead` is unused, `zero` is zero (no point of the manifold), head is not PSI
-    assert found == {"conv.weight": 0}
-
-
-def test_structural_no_wins_over_a_fooled_numeric_probe():
-    """A residual add of a tiny shortcut passes a loose numeric test but not the structure."""
-
-    class TinyShortcut(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 1, bias=False)
-            self.bn = nn.BatchNorm2d(3)
-
-        def forward(self, x):
-            return self.bn(self.conv(x) + 1e-30 * x)
-
-    model = TinyShortcut()
-    assert find_scale_invariant(model, torch.randn(4, 3, 5, 5)) == {}
-
-
-def test_model_that_only_runs_in_its_own_precision():
-    class Float32Inside(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(4, 6)
-            self.bn = nn.BatchNorm1d(6)
-
-        def forward(self, x):
-            scale = torch.linspace(1, 2, 6)  # float32 whatever the model's dtype
-            return self.bn(self.linear(x)) @ torch.diag(scale)
-
-    found = find_scale_invariant(Float32Inside(), torch.randn(8, 4))
-    assert found == {"linear.weight": 0}
-
-
-def test_normalization_eps_does_not_hide_invariance():
-    """Weights so small that the eps of BN dominates the variance are still found.
-
-    With ``eps`` kept, rescaling such a weight changes the output by O(1); the probe sets the eps
-    of normalization modules and of traced functional calls to 1e-30.
-    """
-
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, bias=False)
-            self.bn = nn.BatchNorm2d(4)
-            self.functional = nn.Conv2d(3, 4, 3, bias=False)
-            with torch.no_grad():
-                self.conv.weight.mul_(1e-5)
-                self.functional.weight.mul_(1e-5)
-
-        def forward(self, x):
-            y = F.batch_norm(self.functional(x), None, None, training=True, eps=1e-3)
-            return self.bn(self.conv(x)), y
-
-    model, inputs = Tiny(), torch.randn(6, 3, 6, 6)
-    probe = convert._Probe(model, inputs)
-    probe.module.bn.eps = 1e-5  # what the probe would see without its eps
-    assert probe._rescaled_change({"conv.weight": 0}) > 1e-2  # eps alone would say "no"
-    assert find_scale_invariant(model, inputs) == {"conv.weight": 0, "functional.weight": 0}
-
-
-def test_weight_with_no_effect_is_not_reported():
-    model, inputs, truth = mixed()
-    found = find_scale_invariant(model, inputs)
-    assert "no_effect.weight" not in found
-    assert "no_effect.weight" not in truth
-
-
-def test_zero_groups_are_rejected():
-    """A zero row rules out per-row groups (dim=None remains), a zero weight any grouping."""
-    model, inputs, _ = _build("mlp_bn")
-    with torch.no_grad():
-        model[4].weight[3].zero_()
-    assert find_scale_invariant(model, inputs) == {"1.weight": 0, "4.weight": None}
-    with torch.no_grad():
-        model[4].weight.zero_()  # and now 1.weight has no effect on the output either
-    assert find_scale_invariant(model, inputs) == {}
+def test_explanations_come_back_as_data(build):
+    model, inputs, truth = build("preact_resnet")
+    report = explain_scale_invariance(model, inputs)
+    assert report.found == truth
+    decision = report.decisions["layer1.conv1.weight"]
+    assert decision.invariant and decision.dim == 0
+    assert decision.reason == "scale removed by layer1.bn2 (BatchNorm2d)"
+    assert not report.decisions["fc.weight"].invariant
+    assert "its scale reaches the model's output" in report.decisions["fc.weight"].reason
+    assert set(report.decisions) == {n for n, p in model.named_parameters() if p.dim() > 1}
+    assert report.other_parameters == sum(1 for p in model.parameters() if p.dim() == 1)
+    assert report.notes == ()
+    assert str(report).splitlines()[0] == "find_scale_invariant(PreActResNet):"
 
 
 # ------------------------------------------------------------------------------- to_psi
 
 
-def test_to_psi_keeps_names_values_and_outputs():
-    model, inputs, truth = resnet18()
+def test_to_psi_keeps_names_values_and_outputs(build):
+    model, inputs, truth = build("resnet18")
     model.layer1[0].conv1.weight.requires_grad_(False)
     plain = copy.deepcopy(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -250,18 +117,18 @@ def test_to_psi_keeps_names_values_and_outputs():
         torch.testing.assert_close(model(inputs), plain(inputs), rtol=0, atol=0)
 
 
-def test_state_dicts_load_both_ways_and_conversion_is_idempotent():
-    model, inputs, truth = resnet18()
+def test_state_dicts_load_both_ways_and_conversion_is_idempotent(build):
+    model, inputs, truth = build("resnet18")
     to_psi(model, inputs)
     converted = dict(model.named_parameters())
     assert to_psi(model, inputs).keys() == truth.keys()
     assert all(p is converted[n] for n, p in model.named_parameters())  # nothing replaced
 
-    plain = ResNet18()
+    plain = type(model)()
     plain.load_state_dict(model.state_dict())
     for key, value in model.state_dict().items():
         assert torch.equal(plain.state_dict()[key], value)
-    fresh = ResNet18()
+    fresh = type(model)()
     model.load_state_dict(fresh.state_dict())
     assert all(p is converted[n] for n, p in model.named_parameters())  # loaded in place
     for key, value in fresh.state_dict().items():
@@ -269,8 +136,8 @@ def test_state_dicts_load_both_ways_and_conversion_is_idempotent():
     assert all(isinstance(converted[n], geoopt.ManifoldParameter) for n in truth)
 
 
-def test_to_deepcopy_and_shared_parameters_survive():
-    model, inputs, truth = mixed()
+def test_to_deepcopy_and_shared_parameters_survive(build):
+    model, inputs, truth = build("mixed")
     to_psi(model, inputs)
     model.eval()  # deterministic (no dropout, running statistics)
     twin = copy.deepcopy(model)
@@ -298,8 +165,8 @@ def test_shared_parameter_stays_shared():
     assert isinstance(model[3].weight, geoopt.ManifoldParameter)
 
 
-def test_torch_compile_runs_a_converted_model():
-    model, inputs, _ = _build("vgg_bn")
+def test_torch_compile_runs_a_converted_model(build):
+    model, inputs, _ = build("vgg_bn")
     to_psi(model, inputs)
     model.eval()  # dropout off: the same function with and without compilation
     expected = model(inputs)
@@ -310,8 +177,8 @@ def test_torch_compile_runs_a_converted_model():
     assert model[0].weight.grad is not None
 
 
-def test_forced_names():
-    model, inputs, _ = mixed()
+def test_forced_names(build):
+    model, inputs, _ = build("mixed")
     manifolds = to_psi(model, inputs, names=["conv_relu_bn.weight", "linear_layernorm.weight"])
     assert {n: m.dim for n, m in manifolds.items()} == {
         "conv_relu_bn.weight": 0,
@@ -327,8 +194,8 @@ def test_forced_names():
         to_psi(model, inputs, names={"linear_bias_layernorm.weight": 0})
 
 
-def test_forced_non_invariant_weight_raises_and_converts_nothing():
-    model, inputs, _ = preact_resnet()
+def test_forced_non_invariant_weight_raises_and_converts_nothing(build):
+    model, inputs, _ = build("preact_resnet")
     with pytest.raises(ValueError, match=r"'layer1\.conv2\.weight'") as error:
         to_psi(model, inputs, names=["layer1.conv1.weight", "layer1.conv2.weight", "fc.weight"])
     assert "'fc.weight'" in str(error.value)
@@ -342,8 +209,8 @@ def test_forced_non_invariant_weight_raises_and_converts_nothing():
 # -------------------------------------------------------------------------- param_groups
 
 
-def test_param_groups_cover_every_parameter_once():
-    model, inputs, truth = resnet18()
+def test_param_groups_cover_every_parameter_once(build):
+    model, inputs, truth = build("resnet18")
     to_psi(model, inputs)
     model.fc.bias.requires_grad_(False)  # frozen: still covered (it may be unfrozen later)
     model.layer1[0].conv1.weight.requires_grad_(False)
@@ -370,9 +237,9 @@ def test_param_groups_cover_every_parameter_once():
     ],
     ids=["psi-sgd", "geoopt-sgd", "geoopt-adam"],
 )
-def test_converted_resnet_trains(make_optimizer):
+def test_converted_resnet_trains(make_optimizer, build):
     torch.manual_seed(0)
-    model, _, truth = resnet18()
+    model, _, truth = build("resnet18")
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(16, 3, 16, 16, generator=generator)
     targets = torch.randint(0, 10, (16,), generator=generator)
@@ -407,8 +274,8 @@ def test_non_module_is_rejected():
             call()
 
 
-def test_bad_example_inputs():
-    model, inputs, _ = _build("mlp_bn")
+def test_bad_example_inputs(build):
+    model, inputs, _ = build("mlp_bn")
     with pytest.raises(TypeError, match="example_inputs"):
         find_scale_invariant(model, [inputs])
     with pytest.raises(RuntimeError, match="forward pass of Sequential on `example_inputs` failed"):
@@ -435,8 +302,8 @@ def test_failing_forward_reports_the_models_own_error():
         find_scale_invariant(Float32InsideAndBroken(), torch.randn(5, 3))
 
 
-def test_unknown_name():
-    model, inputs, _ = _build("mlp_bn")
+def test_unknown_name(build):
+    model, inputs, _ = build("mlp_bn")
     with pytest.raises(ValueError, match=r"no parameter '1\.wieght'; did you mean '1\.weight'"):
         to_psi(model, inputs, names=["1.wieght"])
     with pytest.raises(TypeError, match="`names` must be a list"):
@@ -462,5 +329,6 @@ def test_param_groups_bad_arguments():
 
 
 def test_exported():
-    assert {"find_scale_invariant", "to_psi", "param_groups"} <= set(psi_geoopt.__all__)
+    exported = {"find_scale_invariant", "explain_scale_invariance", "to_psi", "param_groups"}
+    assert exported <= set(psi_geoopt.__all__)
     assert PSIManifold is psi_geoopt.PSIManifold

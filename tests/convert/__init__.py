@@ -1,0 +1,1 @@
+"""Tests of psi_geoopt.convert (a package, so that its conftest is not imported as ``conftest``)."""
