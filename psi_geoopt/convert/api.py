@@ -235,7 +235,7 @@ def _checked(model, example_inputs, requested, check: bool) -> dict[str, int | N
 
 def _replace_parameter(model: nn.Module, old: nn.Parameter, manifold: PSIManifold) -> None:
     """Put a ManifoldParameter sharing ``old``'s storage wherever ``old`` is registered."""
-    if _is_psi(old) and old.manifold.dim == manifold.dim:
+    if _is_psi(old) and (old.manifold.dim, old.manifold.ndim) == (manifold.dim, manifold.ndim):
         return
     new = geoopt.ManifoldParameter(old.data, manifold=manifold, requires_grad=old.requires_grad)
     for module in model.modules():
