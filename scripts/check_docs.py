@@ -45,7 +45,7 @@ CHROMIUM_ARGS = [
 ]
 LOCAL_SCHEMES = {"file", "data", "blob", "about"}
 # pages that must contain typeset math
-MATH_PAGES = ("api/manifold.html", "api/optim.html", "api/theory.html")
+MATH_PAGES = ("api/manifold.html", "api/optim.html", "api/theory.html", "theory.html")
 NOTEBOOK_PAGES = "notebooks/*.html"
 
 # What a page shows: its visible text outside code blocks and typeset formulas, the ids it

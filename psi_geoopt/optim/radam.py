@@ -35,16 +35,16 @@ class RiemannianAdam(FastPathMixin, StabilizeChecksPoints, geoopt.optim.Riemanni
 
     .. math::
        \begin{aligned}
-            &\rule{110mm}{0.4pt}                                                                 \\
+            &\rule{31em}{0.4pt}                                                                  \\
             &\textbf{input}      : \eta \text{ (lr)}, \beta_1, \beta_2
                 \text{ (betas)}, x_0 \in \mathcal{M} \text{ (params)}, f(x) \text{ (objective)}  \\
             &\hspace{13mm}      \lambda \text{ (weight decay)},  \: \textit{amsgrad},
                 \: \epsilon \text{ (epsilon)}                                                    \\
             &\textbf{initialize} :  m_0 \leftarrow 0 \text{ (first moment)},
                 v_0\leftarrow 0 \text{ (second moment)},\: v_0^{max}\leftarrow 0          \\[-1.ex]
-            &\rule{110mm}{0.4pt}                                                                 \\
+            &\rule{31em}{0.4pt}                                                                  \\
             &\textbf{for} \: t=1 \: \textbf{to} \: \ldots \: \textbf{do}                         \\
-            &\hspace{5mm}g_t \leftarrow \operatorname{egrad2rgrad}_{x_{t-1}}
+            &\hspace{5mm}g_t \leftarrow \mathrm{egrad2rgrad}_{x_{t-1}}
                 \big(\nabla f(x_{t-1}) + \lambda x_{t-1}\big)                                    \\
             &\hspace{5mm}m_t           \leftarrow   \beta_1 \tilde m_{t-1} + (1 - \beta_1) g_t   \\
             &\hspace{5mm}v_t \leftarrow \beta_2 v_{t-1}
@@ -55,12 +55,12 @@ class RiemannianAdam(FastPathMixin, StabilizeChecksPoints, geoopt.optim.Riemanni
             &\hspace{10mm}\widehat{v_t} \leftarrow v_t^{max}/\big(1-\beta_2^t \big)              \\
             &\hspace{5mm}\textbf{else}                                                           \\
             &\hspace{10mm}\widehat{v_t} \leftarrow   v_t/\big(1-\beta_2^t \big)                  \\
-            &\hspace{5mm}x_t, \tilde m_t \leftarrow \operatorname{retr\_transp}_{x_{t-1}}
-                \Big(-\eta\, \widehat{m_t} / \big(\sqrt{\widehat{v_t}} + \epsilon\big),
-                m_t\Big)                                                                         \\
-            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
-            &\bf{return} \:  x_t                                                          \\[-1.ex]
-            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
+            &\hspace{5mm}x_t, \tilde m_t \leftarrow \mathrm{retr\_transp}_{x_{t-1}}
+                \Bigl(-\eta\, \widehat{m_t} / \big(\sqrt{\widehat{v_t}} + \epsilon\big),
+                m_t\Bigr)                                                                        \\
+            &\rule{31em}{0.4pt}                                                           \\[-1.ex]
+            &\textbf{return} \: x_t                                                       \\[-1.ex]
+            &\rule{31em}{0.4pt}                                                           \\[-1.ex]
        \end{aligned}
 
     On a :class:`~psi_geoopt.PSIManifold` parameter ``component_inner`` gives one value per

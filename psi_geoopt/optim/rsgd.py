@@ -36,14 +36,14 @@ class RiemannianSGD(FastPathMixin, StabilizeChecksPoints, geoopt.optim.Riemannia
 
     .. math::
        \begin{aligned}
-            &\rule{110mm}{0.4pt}                                                                 \\
+            &\rule{30em}{0.4pt}                                                                  \\
             &\textbf{input}      : \eta \text{ (lr)}, \: x_0 \in \mathcal{M} \text{ (params)},
                 \: f(x) \text{ (objective)}, \: \lambda \text{ (weight decay)},                   \\
             &\hspace{13mm} \:\mu \text{ (momentum)}, \:\tau \text{ (dampening)},
                 \:\textit{ nesterov}                                                      \\[-1.ex]
-            &\rule{110mm}{0.4pt}                                                                 \\
+            &\rule{30em}{0.4pt}                                                                  \\
             &\textbf{for} \: t=1 \: \textbf{to} \: \ldots \: \textbf{do}                         \\
-            &\hspace{5mm}g_t \leftarrow \operatorname{egrad2rgrad}_{x_{t-1}}
+            &\hspace{5mm}g_t \leftarrow \mathrm{egrad2rgrad}_{x_{t-1}}
                 \big(\nabla f(x_{t-1}) + \lambda x_{t-1}\big)                                    \\
             &\hspace{5mm}\textbf{if} \: \mu \neq 0                                               \\
             &\hspace{10mm}\textbf{if} \: t > 1                                                   \\
@@ -55,12 +55,12 @@ class RiemannianSGD(FastPathMixin, StabilizeChecksPoints, geoopt.optim.Riemannia
             &\hspace{10mm}\textbf{else}                                                          \\
             &\hspace{15mm} d_t \leftarrow b_t                                                    \\
             &\hspace{10mm} x_t, \tilde b_t \leftarrow
-                \operatorname{retr\_transp}_{x_{t-1}}(-\eta\, d_t, b_t)                          \\
+                \mathrm{retr\_transp}_{x_{t-1}}(-\eta\, d_t, b_t)                                \\
             &\hspace{5mm}\textbf{else}                                                           \\
             &\hspace{10mm} x_t \leftarrow \operatorname{retr}_{x_{t-1}}(-\eta\, g_t)             \\
-            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
-            &\bf{return} \:  x_t                                                          \\[-1.ex]
-            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
+            &\rule{30em}{0.4pt}                                                           \\[-1.ex]
+            &\textbf{return} \: x_t                                                       \\[-1.ex]
+            &\rule{30em}{0.4pt}                                                           \\[-1.ex]
        \end{aligned}
 
     :math:`\tilde b_{t-1}` is the buffer transported to :math:`x_{t-1}`; the state

@@ -82,7 +82,7 @@ class SparseRiemannianSGD(_RowwiseOnly, StabilizeChecksPoints, geoopt.optim.Spar
     .. math::
 
         x_R \leftarrow \operatorname{retr}_{x_R}(-\eta\, d_R), \qquad
-        d_R = \operatorname{egrad2rgrad}_{x_R}(\nabla_R f) \text{ (with momentum: its
+        d_R = \mathrm{egrad2rgrad}_{x_R}(\nabla_R f) \text{ (with momentum: its
         transported average)},
 
     which is the Riemannian step of every group touched only if each group lies inside one row
