@@ -441,11 +441,19 @@ class PSIManifold(Manifold):
         u\rangle`. Rescaling :math:`w + u` by :math:`r/s` instead would lose the radial
         correction of small steps to rounding (in float32, :math:`r/s` rounds to 1 once
         :math:`\|u\|_g^2 < 10^{-7}`), and the norm would creep up step after step.
+
+        The increment's terms grow as :math:`r/s`, and their rounding with them: a step that is
+        not horizontal can land near the origin (:math:`s \ll r`, e.g. :math:`u \approx -w`),
+        where the kept norm would be off by :math:`r/s` roundings. There, :math:`s < r/2`
+        (never for a horizontal step, :math:`s \ge r`), :math:`w + u` is rescaled instead, and
+        the norm is kept to rounding.
         """
         radius = self._norm(x, axes)
-        new_radius = self._norm(x + u, axes)
+        moved = x + u
+        new_radius = self._norm(moved, axes)
+        ratio = radius / new_radius
         radial = self._dot(2 * x + u, u, axes) / (new_radius * (radius + new_radius))
-        return x + ((radius / new_radius) * u - radial * x)
+        return torch.where(2 * new_radius < radius, ratio * moved, x + (ratio * u - radial * x))
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         r"""Exponential map along the great circle, for horizontal :math:`u`.

@@ -800,3 +800,15 @@ def test_operations_never_read_values_on_the_host(dim, ndim):
         manifold.expmap_transp(x, u, v)
     reads = {n for n in recorded.names if n.split(".")[0] in HOST_SYNCHRONIZATIONS}
     assert len(recorded.names) > 10 and not reads, reads
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_retr_keeps_the_norm_of_a_step_that_lands_near_the_origin(dtype):
+    """A step that is not horizontal can bring ``w + u`` close to 0 (here a one-element group
+    whose sign flips, ``|w + u| = |w| / 100``): the kept norm is exact to rounding, not to
+    ``|w| / |w + u|`` roundings."""
+    x = torch.tensor([0.2398, -0.9717], dtype=dtype)
+    u = torch.tensor([0.2937, 0.9814], dtype=dtype)
+    step = PSIManifold(dim=0).retr(x, u)
+    assert torch.equal(step.sign(), (x + u).sign())
+    torch.testing.assert_close(step.abs(), x.abs(), rtol=2 * torch.finfo(dtype).eps, atol=0)
