@@ -41,15 +41,19 @@ nitpicky = True
 nitpick_ignore_regex = [
     # Other projects' objects cannot be linked without fetching their inventories (the build
     # has no network): they are shown as code, unlinked.
-    (r"py:.*", r"(builtins|pathlib|collections|typing|torch|geoopt|numpy|numba|triton)\..*"),
+    (
+        r"py:.*",
+        r"(builtins|contextlib|pathlib|collections|typing|torch|geoopt|numpy|numba|triton)\..*",
+    ),
     (r"py:.*", r"(int|float|bool|str|bytes|dict|list|tuple|set|None|callable|optional|Any)"),
+    (r"py:.*", r"(iterable|Optimizer)"),
     (r"py:.*", r"(Path|Tensor|Module|Iterable|Mapping|Sequence|Callable)"),
     # prose in numpy-style types ("dict name → dim")
     (r"py:class", r".*\s.*"),
     # module constants without a docstring, which autodoc does not document
     (r"py:data", r"([\w.]+\.)?[A-Z][A-Z0-9_]*"),
     # the fast-path kernels and private helpers are not part of the documented API
-    (r"py:.*", r"psi_geoopt\.(numba_step|triton_step|optim\.kernels)(\..*)?|(.*\.)?_\w+"),
+    (r"py:.*", r"psi_geoopt\.(numba_step|triton_step|optim\.kernels)(\..*)?|(.*\.)?_\w+(\..*)?"),
 ]
 
 # ----------------------------------------------------------------------------- autodoc

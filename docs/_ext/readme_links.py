@@ -23,6 +23,7 @@ PAGES = {
 }
 ANCHORS = {
     "README.md#the-demo": "cli.md#the-demo",
+    "README.md#psi-inside-geoopt": "user-guide.md#psi-inside-geoopt",
     "README.md#performance": "performance.md",
     "README.md#documentation": "development.md#this-documentation",
 }

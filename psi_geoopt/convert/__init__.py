@@ -18,13 +18,13 @@ two groupings are tried, the finest first: one group per output channel (``dim=0
 ``Linear``/``Conv`` weights ``(out, in, ...)``, ``dim=1`` for ``ConvTranspose`` weights
 ``(in, out/groups, ...)`` when ``groups == 1``), then the whole tensor (``dim=None``).
 
-The tests run on a deep copy in training mode, in float64 (:mod:`.tracing`), whose trainable
+The tests run on a deep copy in training mode, in float64 (``convert/tracing.py``), whose trainable
 parameters that are not candidates get generic random values, and candidates that are zero
 random ones: a bias that starts at zero, a BatchNorm scale zero-initialized at the end of a
 residual branch or a layer scale of ``1e-6`` would otherwise decide the answer. Frozen
 parameters keep their values. A grouping is accepted when
 
-1. **structurally** (the copy traced with :mod:`torch.fx`; :mod:`.structural`): every value
+1. **structurally** (the copy traced with :mod:`torch.fx`; ``convert/structural.py``): every value
    computed from the weight can be written :math:`F \odot x + O`, where the positive factor
    :math:`F` depends on the :math:`c_k` and the offset :math:`O` does not, and every such value
    reaches the output only through a normalization that removes both, i.e. :math:`F` and
@@ -64,7 +64,7 @@ parameters keep their values. A grouping is accepted when
      the model's output) means "not invariant". A weight that reaches no normalization is not
      invariant either.
 
-2. **numerically** (:mod:`.numeric`), on the same copy with the ``eps`` of every
+2. **numerically** (``convert/numeric.py``), on the same copy with the ``eps`` of every
    normalization set to ``1e-30`` (in modules, in linear-map modules that standardize their
    weight, and, when traced, in functional calls and in ``var + eps``), the random seed fixed
    for every forward pass (dropout draws the same masks): multiplying the groups of all the

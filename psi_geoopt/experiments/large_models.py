@@ -14,7 +14,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Bottleneck", "MBConv", "ResNet", "efficientnet_b0", "resnet50"]
+__all__ = [
+    "Bottleneck",
+    "EfficientNet",
+    "MBConv",
+    "ResNet",
+    "SqueezeExcitation",
+    "efficientnet_b0",
+    "resnet50",
+]
 
 
 class Bottleneck(nn.Module):

@@ -28,6 +28,8 @@ class FastPathMixin:
             self._fill_options(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, as :meth:`torch.optim.Optimizer.add_param_group` does; a
+        group that does not set ``foreach`` or ``compile`` takes the optimizer's defaults."""
         super().add_param_group(param_group)
         self._fill_options(self.param_groups[-1])
 

@@ -16,7 +16,7 @@ row:
 geoopt's own classes take such parameters without a word; the subclasses below refuse them
 with a ``ValueError`` naming the parameter (the same for :class:`geoopt.Scaled` around a
 ``PSIManifold``). They also check the points when ``stabilize`` is due
-(:class:`StabilizeChecksPoints`), since :meth:`PSIManifold.projx` does not.
+(:class:`~psi_geoopt.optim._mixin.StabilizeChecksPoints`), since :meth:`PSIManifold.projx` does not.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class SparseRiemannianSGD(_RowwiseOnly, StabilizeChecksPoints, geoopt.optim.Spar
     which is the Riemannian step of every group touched only if each group lies inside one row
     (:func:`rows_hold_whole_groups`); other PSI parameters raise a ``ValueError`` at
     construction (or in :meth:`add_param_group`). ``stabilize`` also checks the points
-    (:class:`StabilizeChecksPoints`).
+    (:class:`~psi_geoopt.optim._mixin.StabilizeChecksPoints`).
     """
 
 
@@ -101,5 +101,5 @@ class SparseRiemannianAdam(_RowwiseOnly, StabilizeChecksPoints, geoopt.optim.Spa
     per group. That is the Adam step of every group touched only if each group lies inside one
     row (:func:`rows_hold_whole_groups`); other PSI parameters raise a ``ValueError`` at
     construction (or in :meth:`add_param_group`). ``stabilize`` also checks the points
-    (:class:`StabilizeChecksPoints`).
+    (:class:`~psi_geoopt.optim._mixin.StabilizeChecksPoints`).
     """
