@@ -292,7 +292,6 @@ def _final_measurements(
 
 
 PROBE_IMAGES = 64  # at most this many training images are probed for scale invariance
-_NORMALIZATIONS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _SCALE_INVARIANT: dict[tuple, dict[str, int | None]] = {}
 
 
@@ -309,10 +308,7 @@ def scale_invariant_weights(
     Scale invariance is a property of the architecture, not of the initialization, so
     :func:`psi_geoopt.find_scale_invariant` runs once per architecture, dataset (name, input
     shape, classes) and batch size, on ``device``, with the seed-0 model and the first
-    ``min(batch_size, PROBE_IMAGES)`` training images, and the answer is reused. Normalization
-    scales initialized to zero (timm's ``zero_init_last`` in residual blocks) are set to one
-    for the probe: at zero the weights before them have no effect on the output, which the
-    probe would read as "not scale invariant".
+    ``min(batch_size, PROBE_IMAGES)`` training images, and the answer is reused.
     """
     probe_size = min(batch_size, PROBE_IMAGES)
     key = (model_name, cifar_stem, dataset.name, dataset.input_shape, dataset.num_classes)
@@ -321,11 +317,6 @@ def scale_invariant_weights(
         model = build_model(
             model_name, 0, dataset.num_classes, dataset.input_shape, cifar_stem=cifar_stem
         ).to(device)
-        with torch.no_grad():
-            for module in model.modules():
-                scale = getattr(module, "weight", None)
-                if isinstance(module, _NORMALIZATIONS) and scale is not None:
-                    scale.masked_fill_(scale == 0, 1.0)
         example_inputs = dataset.example_inputs(probe_size).to(device)
         _SCALE_INVARIANT[key] = psi_geoopt.find_scale_invariant(model, example_inputs)
     return dict(_SCALE_INVARIANT[key])
