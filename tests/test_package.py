@@ -105,3 +105,40 @@ def test_the_library_imports_without_the_command_line_dependencies(without_cli_e
 
 def test_one_version():
     assert importlib.metadata.version("psi-geoopt") == psi_geoopt.__version__
+
+
+def _docstring_lines(node: ast.AST) -> int:
+    """Lines of the docstrings of ``node`` and of every function and class inside it."""
+    lines = 0
+    for inner in ast.walk(node):
+        if isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            first = inner.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                lines += first.end_lineno - first.lineno + 1
+    return lines
+
+
+def _definitions():
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                yield f"{name}.{node.name}", node
+
+
+MAX_CLASS_LINES = 250
+MAX_FUNCTION_CODE_LINES = 100
+LARGE_CLASSES = {"psi_geoopt.manifold.PSIManifold"}  # one operation per method, with its math
+
+
+def test_classes_and_functions_stay_small():
+    """No class over 250 lines (but the manifold, a method per operation) and no function over
+    100 lines of code (docstrings aside), so that each can be held in one's head."""
+    too_large = []
+    for name, node in _definitions():
+        lines = node.end_lineno - node.lineno + 1
+        if isinstance(node, ast.ClassDef):
+            if lines > MAX_CLASS_LINES and name not in LARGE_CLASSES:
+                too_large.append(f"class {name}: {lines} lines")
+        elif lines - _docstring_lines(node) > MAX_FUNCTION_CODE_LINES:
+            too_large.append(f"function {name}: {lines - _docstring_lines(node)} lines of code")
+    assert not too_large, too_large
