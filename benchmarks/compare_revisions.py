@@ -9,8 +9,9 @@ load from other processes hits both alike. The cases, as ``psi-geoopt bench`` ru
 
 - the optimizer step on the parameter shapes of ResNet-18 and ResNet-50 (convolutions on
   ``PSIManifold(dim=0)``, the rest Euclidean, fixed gradients): ``RiemannianSGD`` with its
-  defaults (no momentum), with momentum 0.9 (the default ``compile=None`` path, and eager with
-  ``compile=False``), and ``RiemannianAdam``;
+  defaults (no momentum), with momentum 0.9 (the default ``compile=None`` path, eager with
+  ``compile=False`` and the reference loop of the manifold's operations with ``foreach=False``),
+  ``RiemannianAdam``, and geoopt's ``RiemannianSGD`` with momentum on each ``PSIManifold``;
 - the training step (forward, backward, step) of the demo ConvNet (``convnet-bn``, converted by
   each revision's ``to_psi``) with ``RiemannianSGD``, momentum 0.9, on a batch of 64 8x8 images.
 
@@ -39,10 +40,10 @@ from types import ModuleType
 
 import geoopt
 import torch
-from psi_geoopt.bench import MODELS
 from torch import nn
 
 import psi_geoopt
+from psi_geoopt.experiments.bench import MODELS
 from psi_geoopt.experiments.models import build_model
 
 TRAINING_STEPS = 10
@@ -87,6 +88,11 @@ OPTIMIZERS: dict[str, Callable[[ModuleType, list[torch.Tensor]], torch.optim.Opt
         p, lr=0.01, momentum=0.9, compile=False
     ),
     "Adam": lambda package, p: package.optim.RiemannianAdam(p, lr=1e-3),
+    # the manifold's operations, parameter by parameter
+    "SGD momentum reference loop": lambda package, p: package.optim.RiemannianSGD(
+        p, lr=0.01, momentum=0.9, foreach=False
+    ),
+    "geoopt SGD momentum": lambda package, p: geoopt.optim.RiemannianSGD(p, lr=0.01, momentum=0.9),
 }
 
 

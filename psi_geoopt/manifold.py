@@ -428,32 +428,30 @@ class PSIManifold(Manifold):
         return self._retract(x, u, axes).to(dtype)
 
     def _retract(self, x: torch.Tensor, u: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
-        r""":meth:`retr` written as an increment of :math:`w`, rounded once.
+        r""":meth:`retr` as a correction of :math:`w + u`, its radial factor formed from its
+        difference to 1.
 
         With :math:`r = \|w\|` and :math:`s = \|w + u\|`,
 
         .. math::
 
-            \operatorname{retr}_w(u) = w + \frac{r}{s} u - \frac{\langle 2w + u, u\rangle}
-            {s\,(r + s)}\, w,
+            \operatorname{retr}_w(u) = (w + u) - \rho\, (w + u), \qquad
+            \rho = 1 - \frac{r}{s} = \frac{\langle 2w + u, u\rangle}{s\,(r + s)},
 
-        because :math:`r/s - 1 = (r^2 - s^2)/(s(r + s))` and :math:`s^2 - r^2 = \langle 2w + u,
-        u\rangle`. Rescaling :math:`w + u` by :math:`r/s` instead would lose the radial
-        correction of small steps to rounding (in float32, :math:`r/s` rounds to 1 once
-        :math:`\|u\|_g^2 < 10^{-7}`), and the norm would creep up step after step.
-
-        The increment's terms grow as :math:`r/s`, and their rounding with them: a step that is
-        not horizontal can land near the origin (:math:`s \ll r`, e.g. :math:`u \approx -w`),
-        where the kept norm would be off by :math:`r/s` roundings. There, :math:`s < r/2`
-        (never for a horizontal step, :math:`s \ge r`), :math:`w + u` is rescaled instead, and
-        the norm is kept to rounding.
+        because :math:`s^2 - r^2 = \langle 2w + u, u\rangle`. Rescaling :math:`w + u` by
+        :math:`r/s` would lose the radial correction of small steps to rounding (in float32,
+        :math:`r/s` rounds to 1 once :math:`\|u\|_g^2 < 10^{-7}`), and the norm would creep up
+        step after step; the correction :math:`\rho` keeps it. A step that is not horizontal
+        can bring :math:`w + u` close to the origin (:math:`s \ll r`): then :math:`-\rho = r/s
+        - 1` is large and of the sign of 1, nothing cancels, and the norm is still kept to
+        rounding (adding :math:`r/s\, u - \rho\, w` to :math:`w` instead would be off by
+        :math:`r/s` roundings).
         """
         radius = self._norm(x, axes)
         moved = x + u
         new_radius = self._norm(moved, axes)
-        ratio = radius / new_radius
         radial = self._dot(2 * x + u, u, axes) / (new_radius * (radius + new_radius))
-        return torch.where(2 * new_radius < radius, ratio * moved, x + (ratio * u - radial * x))
+        return moved - radial * moved
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         r"""Exponential map along the great circle, for horizontal :math:`u`.
