@@ -66,13 +66,6 @@ def _without_timing(runs: list[dict]) -> list[dict]:
     return [{k: v for k, v in run.items() if k not in ("wall_s", "images_per_s")} for run in runs]
 
 
-@pytest.mark.skipif(
-    any(
-        importlib.util.find_spec(name) is None
-        for name in ("psi_geoopt.theory.verify", "psi_geoopt.experiments.bench")
-    ),
-    reason="the verify and bench sub-commands are not there yet",
-)
 def test_help_lists_every_sub_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
