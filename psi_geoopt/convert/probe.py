@@ -81,7 +81,8 @@ class Probe:
                 continue
             dim, removed_by = accepted[name]
             if effects[name] > self.numeric.effect_rtol:
-                decisions[name] = Decision(True, dim, _accepted_reason(removed_by))
+                reason = "; ".join([_accepted_reason(removed_by), *reasons[name]])
+                decisions[name] = Decision(True, dim, reason)
             else:
                 change = f"relative change {effects[name]:.2g} when rotated"
                 reasons[name].append(f"dim={dim}: it has no effect on the output ({change})")

@@ -17,7 +17,8 @@ class Decision:
         the group axis (the ``dim`` of :class:`~psi_geoopt.PSIManifold`) where ``invariant``;
         ``None`` otherwise, or where only the whole tensor is invariant
     reason : str
-        what removes the scale where ``invariant``, else why each grouping tried fails
+        what removes the scale where ``invariant`` (and why each finer grouping tried
+        before fails), else why each grouping tried fails
     """
 
     invariant: bool

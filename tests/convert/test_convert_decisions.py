@@ -208,11 +208,14 @@ def test_weight_with_no_effect_is_not_reported(build):
 
 
 def test_zero_groups_are_rejected(build):
-    """A zero row rules out per-row groups (dim=None remains), a zero weight any grouping."""
+    """A zero row rules out per-row groups (dim=None remains, and its explanation says why not
+    dim=0), a zero weight any grouping."""
     model, inputs, _ = build("mlp_bn")
     with torch.no_grad():
         model[4].weight[3].zero_()
     assert find_scale_invariant(model, inputs) == {"1.weight": 0, "4.weight": None}
+    reason = explain_scale_invariance(model, inputs).decisions["4.weight"].reason
+    assert "dim=0: not a point" in reason and "groups [3] along dim=0 are zero" in reason
     with torch.no_grad():
         model[4].weight.zero_()  # no point, but trained it will not stay zero: 1.weight has effect
     assert find_scale_invariant(model, inputs) == {"1.weight": 0}
