@@ -25,8 +25,8 @@ Momentum 0.9 for SGD, learning rate 1e-3 for Adam. Ratios are to the first optim
 table (``torch.optim.SGD``, ``torch.optim.Adam``).
 
 ``--quick`` runs ResNet-18's shapes only, 5 rounds (20 of the training step), and leaves out
-the slowest rows: the reference loop, geoopt's ``RiemannianAdam`` and the compiled path. It
-keeps the default path, the row of the README's headline ratio.
+the slowest rows: the reference loop, geoopt's ``RiemannianAdam``, the compiled path and the
+conversion of ResNet-50. It keeps the default path, the row of the README's headline ratio.
 """
 
 from __future__ import annotations
