@@ -1,4 +1,5 @@
-"""Multi-process training with PSI parameters: DDP, and FSDP2 sharding along axis 0.
+"""Multi-process training with PSI parameters: DDP, and FSDP2 sharding along axis 0 with
+RiemannianSGD and RiemannianAdam.
 
 Two CPU processes, gloo backend on 127.0.0.1. Each rank trains a BatchNorm ConvNet whose
 convolution weights are PSI parameters on its own half of every batch; the result must be the
@@ -22,14 +23,18 @@ from conftest import needs_tested_torch
 from torch import nn
 
 from psi_geoopt import to_psi
-from psi_geoopt.optim import RiemannianSGD
+from psi_geoopt.optim import RiemannianAdam, RiemannianSGD
 
 WORLD_SIZE = 2
 STEPS = 4
 BATCH = 16
 TIMEOUT_S = 150  # a guard against hangs, generous for loaded machines
 PSI_WEIGHTS = ("0.weight", "3.weight", "6.weight")
-HYPER = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+OPTIMIZERS = {
+    "sgd": (RiemannianSGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    "adam": (RiemannianAdam, dict(lr=0.05, weight_decay=1e-3, amsgrad=True)),
+}
+"""The optimizers trained on the ranks, with their options."""
 
 pytestmark = [
     pytest.mark.skipif(
@@ -76,9 +81,14 @@ def loss_of(model: nn.Module, step: int, rank: int) -> torch.Tensor:
     return nn.functional.cross_entropy(model(shard(images, rank)), shard(labels, rank))
 
 
+def make_optimizer(kind: str, params, **options) -> torch.optim.Optimizer:
+    optimizer_class, hyper = OPTIMIZERS[kind]
+    return optimizer_class(params, **hyper, **options)
+
+
 def train_ddp(rank: int) -> dict:
     model = nn.parallel.DistributedDataParallel(build_model())
-    optimizer = RiemannianSGD(model.parameters(), **HYPER)
+    optimizer = make_optimizer("sgd", model.parameters())
     for step in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
         loss_of(model, step, rank).backward()
@@ -89,7 +99,7 @@ def train_ddp(rank: int) -> dict:
     }
 
 
-def train_fsdp2(rank: int, foreach: bool | None, attach: bool = True) -> dict:
+def train_fsdp2(rank: int, kind: str, foreach: bool | None, attach: bool = True) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     model = build_model()
@@ -102,7 +112,7 @@ def train_fsdp2(rank: int, foreach: bool | None, attach: bool = True) -> dict:
     for name, p in model.named_parameters():
         if attach and name in manifolds:  # fully_shard replaced the ManifoldParameter
             p.manifold = manifolds[name]
-    optimizer = RiemannianSGD(model.parameters(), foreach=foreach, **HYPER)
+    optimizer = make_optimizer(kind, model.parameters(), foreach=foreach)
     for step in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
         loss_of(model, step, rank).backward()
@@ -114,7 +124,8 @@ def train_fsdp2(rank: int, foreach: bool | None, attach: bool = True) -> dict:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    """DDP, then FSDP2 with the fast path and with the reference loop, in one process group."""
+    """DDP, then FSDP2 with the fast path and with the reference loop of each optimizer, in one
+    process group."""
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -123,9 +134,11 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         timeout=datetime.timedelta(seconds=TIMEOUT_S),
     )
     try:
-        results = {"ddp": train_ddp(rank), "fsdp2": train_fsdp2(rank, foreach=None)}
-        results["fsdp2-reference"] = train_fsdp2(rank, foreach=False)
-        results["fsdp2-unmarked"] = train_fsdp2(rank, foreach=None, attach=False)
+        results = {"ddp": train_ddp(rank)}
+        for kind in OPTIMIZERS:
+            results[f"fsdp2-{kind}"] = train_fsdp2(rank, kind, foreach=None)
+            results[f"fsdp2-{kind}-reference"] = train_fsdp2(rank, kind, foreach=False)
+        results["fsdp2-unmarked"] = train_fsdp2(rank, "sgd", foreach=None, attach=False)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -161,11 +174,11 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 
 @functools.cache
-def single_process_reference() -> dict[str, torch.Tensor]:
+def single_process_reference(kind: str) -> dict[str, torch.Tensor]:
     """One model; each step, the average of the two halves' gradients (BatchNorm statistics
     per half, as on the ranks)."""
     model = build_model()
-    optimizer = RiemannianSGD(model.parameters(), **HYPER)
+    optimizer = make_optimizer(kind, model.parameters())
     for step in range(STEPS):
         grads = []
         for rank in range(WORLD_SIZE):
@@ -178,8 +191,8 @@ def single_process_reference() -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def assert_matches_reference(weights: dict[str, torch.Tensor]) -> None:
-    reference = single_process_reference()
+def assert_matches_reference(weights: dict[str, torch.Tensor], kind: str) -> None:
+    reference = single_process_reference(kind)
     initial = dict(build_model().named_parameters())
     assert weights.keys() == reference.keys()
     for name, expected in reference.items():
@@ -192,25 +205,26 @@ def test_ddp_ranks_agree_and_match_averaged_gradients(ranks):
     assert rank0["kinds"]["0.weight"] == "ManifoldParameter"
     for name in rank0["weights"]:
         assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name
-    assert_matches_reference(rank0["weights"])
+    assert_matches_reference(rank0["weights"], "sgd")
 
 
-@pytest.mark.parametrize("run", ["fsdp2", "fsdp2-reference"])
-def test_fsdp2_shards_along_groups_and_matches_averaged_gradients(ranks, run):
-    rank0, rank1 = (r[run] for r in ranks)
+@pytest.mark.parametrize("path", ["", "-reference"], ids=["fast-path", "reference-loop"])
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_fsdp2_shards_along_groups_and_matches_averaged_gradients(ranks, kind, path):
+    rank0, rank1 = (r[f"fsdp2-{kind}{path}"] for r in ranks)
     # axis 0 is sharded: 8 groups as 4 + 4, 5 groups as 3 + 2 (each group on one rank)
     assert (rank0["local_rows"]["0.weight"], rank1["local_rows"]["0.weight"]) == (4, 4)
     assert (rank0["local_rows"]["3.weight"], rank1["local_rows"]["3.weight"]) == (3, 2)
     assert (rank0["local_rows"]["6.weight"], rank1["local_rows"]["6.weight"]) == (1, 0)
     for name in rank0["weights"]:
         assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name
-    assert_matches_reference(rank0["weights"])
+    assert_matches_reference(rank0["weights"], kind)
 
 
 def test_fsdp2_without_the_manifold_attribute_trains_euclidean(ranks):
     """fully_shard drops the ManifoldParameter class: unmarked, the weights are plain."""
     weights = ranks[0]["fsdp2-unmarked"]["weights"]
-    reference = single_process_reference()
+    reference = single_process_reference("sgd")
     assert not torch.allclose(weights["0.weight"], reference["0.weight"])
     initial = build_model()[0].weight.detach()
     assert not torch.allclose(
