@@ -1,4 +1,5 @@
-"""The package's shape: its imports form no cycle, and the library never imports the command line.
+"""The package's shape: its imports form no cycle, the library never imports the command line,
+and README.md's layout names every module.
 
 The import graph is read from the source (every ``import``, at module level or inside a
 function), so that an import made only when a function runs counts as much as one made at
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -142,3 +145,23 @@ def test_classes_and_functions_stay_small():
         elif lines - _docstring_lines(node) > MAX_FUNCTION_CODE_LINES:
             too_large.append(f"function {name}: {lines - _docstring_lines(node)} lines of code")
     assert not too_large, too_large
+
+
+def test_the_readme_layout_names_every_module_and_folder():
+    """The layout block of README.md's "Development" section names every module of the
+    package and of ``theory/`` (as a word: ``rsgd.py`` or ``rsgd``) and every top-level folder."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Development") :]
+    layout = section[section.index("```\n") + 4 : section.index("\n```", section.index("```\n"))]
+    words = set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", layout))
+    missing = sorted(
+        str(path.relative_to(ROOT))
+        for path in MODULES.values()
+        if path.stem not in ("__init__", "__main__") and path.stem not in words
+    )
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if files.returncode != 0:
+        pytest.skip("not a git checkout: the tracked folders are unknown")
+    folders = {line.split("/")[0] for line in files.stdout.splitlines() if "/" in line}
+    missing += sorted(f"{name}/" for name in folders if f"{name}/" not in layout)
+    assert not missing, f"README.md's layout does not name: {', '.join(missing)}"
