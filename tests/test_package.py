@@ -152,7 +152,7 @@ def test_the_readme_layout_names_every_module_and_folder():
     package and of ``theory/`` (as a word: ``rsgd.py`` or ``rsgd``) and every top-level folder."""
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Development") :]
-    layout = section[section.index("```\n") + 4 : section.index("\n```", section.index("```\n"))]
+    layout = re.search(r"^```\n(.*?)^```", section, re.MULTILINE | re.DOTALL).group(1)
     words = set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", layout))
     missing = sorted(
         str(path.relative_to(ROOT))

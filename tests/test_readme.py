@@ -27,10 +27,15 @@ README = (ROOT / "README.md").read_text()
 VENV_BIN = ".venv/bin/"
 
 
+def _code_blocks(text: str, language: str) -> list[str]:
+    """The contents of the fenced blocks of ``language`` in the Markdown ``text``."""
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
 def _bash_commands(text: str) -> list[list[str]]:
     """The commands of every ``bash`` block: continuation lines joined, split at ``&&``."""
     commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
+    for block in _code_blocks(text, "bash"):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             while words:
@@ -41,6 +46,7 @@ def _bash_commands(text: str) -> list[list[str]]:
 
 
 COMMANDS = _bash_commands(README) + _bash_commands((ROOT / "notebooks" / "README.md").read_text())
+PYTHON_EXAMPLES = _code_blocks(README, "python")
 
 
 def _installed_before(index: int) -> set[str]:
@@ -141,13 +147,9 @@ def test_synopsis_lists_every_option(command):
     assert listed == _options(command) - {"--help"}
 
 
-def _python_blocks() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", README, re.MULTILINE | re.DOTALL)
-
-
 def test_the_conversion_example_finds_what_its_comment_says():
     """The first example of "Using it in your model" runs as written, and its comments hold."""
-    block = next(b for b in _python_blocks() if "find_scale_invariant(model, batch)" in b)
+    block = next(b for b in PYTHON_EXAMPLES if "find_scale_invariant(model, batch)" in b)
     torch.manual_seed(0)
     namespace: dict = {}
     exec(block, namespace)
@@ -164,7 +166,7 @@ def test_the_conversion_example_finds_what_its_comment_says():
 def test_the_product_manifold_example_keeps_row_norms_and_reaches_the_minimum():
     """The "PSI inside geoopt" example runs as written: every row keeps its norm and the loss
     reaches 5 x 0.1, as its last comment says."""
-    block = next(b for b in _python_blocks() if "ProductManifold" in b)
+    block = next(b for b in PYTHON_EXAMPLES if "ProductManifold" in b)
     before = "optimizer = geoopt.optim.RiemannianSGD"
     assert before in block
     torch.manual_seed(0)
